@@ -1,0 +1,105 @@
+"""Configuration of the FlexTok autoregressive generator."""
+
+from transformers import PretrainedConfig
+
+
+class FlexTokARConfig(PretrainedConfig):
+    r"""
+    Configuration of [`FlexTokARModel`], a LlamaGen-style decoder-only transformer that predicts FlexTok image
+    tokens one after the other, coarse to fine.
+
+    Exactly one conditioning mode is chosen: class-conditional (`num_classes` set) or text-conditional
+    (`text_hidden_size` set).
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 64000):
+            Number of image token ids: the size of FlexTok's FSQ codebook (levels [8, 8, 8, 5, 5, 5]).
+        max_position_embeddings (`int`, *optional*, defaults to 256):
+            Most image tokens per image.
+        hidden_size (`int`, *optional*, defaults to 768):
+            Width of the transformer.
+        num_hidden_layers (`int`, *optional*, defaults to 12):
+            Number of decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to 12):
+            Number of attention heads; must divide `hidden_size`.
+        intermediate_size (`int`, *optional*, defaults to 2048):
+            Width of the SwiGLU MLP.
+        rms_norm_eps (`float`, *optional*, defaults to 1e-5):
+            Epsilon of the RMS norms.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of weights and embeddings.
+        attention_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on the attention probabilities during training.
+        hidden_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on the attention and MLP outputs before they join the residual stream.
+        num_classes (`int`, *optional*, defaults to 1000):
+            Number of classes for class-conditional generation; `None` for text-conditional models.
+        class_dropout_prob (`float`, *optional*, defaults to 0.1):
+            Probability that a training sample's class is replaced by the null class (for classifier-free guidance).
+        text_hidden_size (`int`, *optional*):
+            Hidden size of the text encoder whose hidden states condition a text-conditional model; `None` for
+            class-conditional models.
+        text_dropout_prob (`float`, *optional*, defaults to 0.1):
+            Probability that a training sample's text is replaced by the learned null text.
+    """
+
+    model_type = "flextok_ar"
+
+    def __init__(
+        self,
+        vocab_size: int = 64000,
+        max_position_embeddings: int = 256,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int = 2048,
+        rms_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        attention_dropout: float = 0.0,
+        hidden_dropout: float = 0.0,
+        num_classes: int | None = 1000,
+        class_dropout_prob: float = 0.1,
+        text_hidden_size: int | None = None,
+        text_dropout_prob: float = 0.1,
+        **kwargs,
+    ):
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})."
+            )
+        if (num_classes is None) == (text_hidden_size is None):
+            raise ValueError(
+                "Set exactly one of num_classes (class-conditional) or text_hidden_size (text-conditional), got "
+                f"num_classes={num_classes}, text_hidden_size={text_hidden_size}."
+            )
+        for name, prob in [
+            ("attention_dropout", attention_dropout),
+            ("hidden_dropout", hidden_dropout),
+            ("class_dropout_prob", class_dropout_prob),
+            ("text_dropout_prob", text_dropout_prob),
+        ]:
+            if not 0.0 <= prob <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {prob}.")
+
+        self.vocab_size = vocab_size
+        self.max_position_embeddings = max_position_embeddings
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.attention_dropout = attention_dropout
+        self.hidden_dropout = hidden_dropout
+        self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+        self.text_hidden_size = text_hidden_size
+        self.text_dropout_prob = text_dropout_prob
+        super().__init__(**kwargs)
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return self.text_hidden_size is not None
+
+
+__all__ = ["FlexTokARConfig"]
