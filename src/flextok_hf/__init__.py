@@ -1,1 +1,3 @@
 """flextok-hf: FlexTok (arXiv 2502.13967) as transformers models and a diffusers pipeline."""
+from .configuration_flextok_ar import FlexTokARConfig
+from .modeling_flextok_ar import FlexTokARModel, FlexTokARPreTrainedModel

@@ -1,6 +1,6 @@
 """Configuration of the FlexTok autoregressive generator."""
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 
 class FlexTokARConfig(PretrainedConfig):
@@ -101,5 +101,7 @@ class FlexTokARConfig(PretrainedConfig):
     def is_text_conditional(self) -> bool:
         return self.text_hidden_size is not None
 
+
+AutoConfig.register("flextok_ar", FlexTokARConfig)
 
 __all__ = ["FlexTokARConfig"]

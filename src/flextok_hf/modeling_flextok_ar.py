@@ -1,0 +1,508 @@
+"""FlexTok autoregressive generator: a LlamaGen-style decoder-only transformer over FlexTok image tokens."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoModel,
+    DynamicCache,
+    LogitsProcessorList,
+    PreTrainedModel,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutput
+
+from .configuration_flextok_ar import FlexTokARConfig
+
+
+class FlexTokARRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class FlexTokARMLP(nn.Module):
+    """SwiGLU feed-forward block."""
+
+    def __init__(self, config: FlexTokARConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states)))
+
+
+class FlexTokARAttention(nn.Module):
+    """Multi-head self-attention through `F.scaled_dot_product_attention`; positions come from learned embeddings, not RoPE."""
+
+    def __init__(self, config: FlexTokARConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.attention_dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states: `[batch, query_length, hidden_size]`.
+            attention_mask: boolean `[batch, 1, query_length, key_length]`, True where a query may attend a key;
+                `key_length` counts the cached keys too.
+            past_key_values: cache that receives this call's keys and values and supplies the earlier ones.
+        """
+        batch_size, query_length, _ = hidden_states.shape
+        heads_shape = (batch_size, query_length, self.num_heads, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(heads_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(heads_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attn_output = F.scaled_dot_product_attention(
+            query_states,
+            key_states,
+            value_states,
+            attn_mask=attention_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
+        attn_output = attn_output.transpose(1, 2).reshape(batch_size, query_length, -1)
+        return self.dropout(self.o_proj(attn_output))
+
+
+class FlexTokARDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: FlexTokARConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = FlexTokARRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = FlexTokARAttention(config, layer_idx)
+        self.post_attention_layernorm = FlexTokARRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = FlexTokARMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), attention_mask=attention_mask, past_key_values=past_key_values
+        )
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class FlexTokARPreTrainedModel(PreTrainedModel):
+    config: FlexTokARConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FlexTokARDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, FlexTokARModel):
+            init.normal_(module.image_start_embedding, mean=0.0, std=self.config.initializer_range)
+            if module.null_text_embedding is not None:
+                init.normal_(module.null_text_embedding, mean=0.0, std=self.config.initializer_range)
+
+
+class FlexTokARModel(FlexTokARPreTrainedModel):
+    """
+    Decoder-only transformer that predicts FlexTok image tokens coarse to fine, given a class label or the hidden
+    states of a text encoder.
+
+    The input sequence is `[condition tokens, image start, token_0, ..., token_{N-2}]`: the image-start slot predicts
+    token 0 and token i predicts token i + 1. The slot that predicts token j carries position embedding j, so
+    `max_position_embeddings` rows cover images of up to `max_position_embeddings` tokens.
+    """
+
+    def __init__(self, config: FlexTokARConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # A fixed last prefix slot predicts token 0 whatever the condition's length or padding.
+        self.image_start_embedding = nn.Parameter(torch.empty(config.hidden_size))
+
+        # Text enters as a projected prefix rather than through cross-attention: one causal stack whose KV cache holds
+        # the prompt after the first step, as in LlamaGen's text-to-image models; padded text keys are masked out.
+        if config.is_text_conditional:
+            self.class_embedding = None
+            self.text_projection = nn.Linear(config.text_hidden_size, config.hidden_size)
+            self.null_text_embedding = nn.Parameter(torch.empty(config.hidden_size))
+        else:
+            # The last row is the null class of classifier-free guidance.
+            self.class_embedding = nn.Embedding(config.num_classes + 1, config.hidden_size)
+            self.text_projection = None
+            self.null_text_embedding = None
+
+        self.layers = nn.ModuleList(
+            [FlexTokARDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = FlexTokARRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+
+        self.post_init()
+
+    def _check_image_tokens(self, token_ids: torch.Tensor, name: str, allow_ignore_index: bool = False) -> None:
+        vocab_size = self.config.vocab_size
+        if token_ids.dim() != 2 or token_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be an integer tensor [batch, num_tokens], got {token_ids.dtype} {tuple(token_ids.shape)}.")
+        if not 1 <= token_ids.shape[1] <= self.config.max_position_embeddings:
+            raise ValueError(
+                f"{name} must hold 1 to max_position_embeddings={self.config.max_position_embeddings} tokens per "
+                f"image, got {token_ids.shape[1]}."
+            )
+        in_vocab = (token_ids >= 0) & (token_ids < vocab_size)
+        if allow_ignore_index:
+            in_vocab |= token_ids == -100
+        if not bool(in_vocab.all()):
+            allowed = f"[0, {vocab_size}) or -100" if allow_ignore_index else f"[0, {vocab_size})"
+            raise ValueError(
+                f"{name} must lie in {allowed}, got values from {token_ids.min().item()} to {token_ids.max().item()}."
+            )
+
+    def _check_condition(
+        self,
+        class_labels: torch.LongTensor | None,
+        encoder_hidden_states: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None,
+        drop_condition: torch.BoolTensor | None,
+    ) -> int:
+        """Validates the conditioning arguments for this model's mode and returns the batch size."""
+        if class_labels is not None and encoder_hidden_states is not None:
+            raise ValueError("Pass either class_labels or encoder_hidden_states, not both.")
+        if self.config.is_text_conditional:
+            if encoder_hidden_states is None:
+                raise ValueError(
+                    "This model is text-conditional (config.text_hidden_size is set): pass encoder_hidden_states "
+                    "[batch, text_length, text_hidden_size] and their encoder_attention_mask."
+                )
+            if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[1] == 0:
+                raise ValueError(
+                    "encoder_hidden_states must have shape [batch, text_length >= 1, text_hidden_size], got "
+                    f"{tuple(encoder_hidden_states.shape)}."
+                )
+            if encoder_hidden_states.shape[-1] != self.config.text_hidden_size:
+                raise ValueError(
+                    f"encoder_hidden_states must have hidden size config.text_hidden_size={self.config.text_hidden_size}, "
+                    f"got {encoder_hidden_states.shape[-1]}."
+                )
+            batch_size = encoder_hidden_states.shape[0]
+            if encoder_attention_mask is not None:
+                if encoder_attention_mask.shape != encoder_hidden_states.shape[:2]:
+                    raise ValueError(
+                        f"encoder_attention_mask must have shape {tuple(encoder_hidden_states.shape[:2])} [batch, "
+                        f"text_length], got {tuple(encoder_attention_mask.shape)}."
+                    )
+                if not bool(encoder_attention_mask.bool().any(dim=1).all()):
+                    raise ValueError(
+                        "Every sample needs at least one unmasked text token in encoder_attention_mask; use "
+                        "drop_condition for the unconditional (null text) branch."
+                    )
+        else:
+            if class_labels is None:
+                raise ValueError(
+                    f"This model is class-conditional (config.num_classes={self.config.num_classes}): pass "
+                    "class_labels [batch]."
+                )
+            if encoder_attention_mask is not None:
+                raise ValueError("encoder_attention_mask is only for text-conditional models.")
+            if class_labels.dim() != 1 or class_labels.dtype not in (torch.int32, torch.int64):
+                raise ValueError(
+                    f"class_labels must be an integer tensor [batch], got {class_labels.dtype} {tuple(class_labels.shape)}."
+                )
+            if not bool(((class_labels >= 0) & (class_labels < self.config.num_classes)).all()):
+                raise ValueError(
+                    f"class_labels must lie in [0, {self.config.num_classes}), got values from "
+                    f"{class_labels.min().item()} to {class_labels.max().item()}; use drop_condition for the null class."
+                )
+            batch_size = class_labels.shape[0]
+        if drop_condition is not None and (drop_condition.dtype != torch.bool or drop_condition.shape != (batch_size,)):
+            raise ValueError(
+                f"drop_condition must be a bool tensor [{batch_size}], got {drop_condition.dtype} {tuple(drop_condition.shape)}."
+            )
+        return batch_size
+
+    def embed_prefix(
+        self,
+        class_labels: torch.LongTensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        drop_condition: torch.BoolTensor | None = None,
+    ) -> tuple[torch.Tensor, torch.BoolTensor]:
+        """
+        Embeds the condition followed by the image-start slot.
+
+        Args:
+            class_labels: `[batch]` class ids (class-conditional models).
+            encoder_hidden_states: `[batch, text_length, text_hidden_size]` (text-conditional models).
+            encoder_attention_mask: `[batch, text_length]`, 1 for text tokens to attend, 0 for padding.
+            drop_condition: `[batch]` bool, True where the condition is replaced by the null class / null text.
+
+        Returns:
+            `prefix_embeds` `[batch, prefix_length, hidden_size]` and `prefix_mask` `[batch, prefix_length]` (bool,
+            False for padding), with `prefix_length` 2 for class labels and `text_length + 1` for text.
+        """
+        if self.config.is_text_conditional:
+            batch_size, text_length, _ = encoder_hidden_states.shape
+            condition_embeds = self.text_projection(encoder_hidden_states.to(self.text_projection.weight.dtype))
+            if encoder_attention_mask is None:
+                condition_mask = torch.ones(batch_size, text_length, dtype=torch.bool, device=condition_embeds.device)
+            else:
+                condition_mask = encoder_attention_mask.to(device=condition_embeds.device, dtype=torch.bool)
+            if drop_condition is not None:
+                # The null text is one learned token in the first slot, all other text slots masked out.
+                dropped = drop_condition.to(condition_embeds.device)[:, None]
+                null_text = torch.zeros_like(condition_embeds)
+                null_text[:, 0] = self.null_text_embedding
+                null_mask = torch.zeros_like(condition_mask)
+                null_mask[:, 0] = True
+                condition_embeds = torch.where(dropped[..., None], null_text, condition_embeds)
+                condition_mask = torch.where(dropped, null_mask, condition_mask)
+        else:
+            if drop_condition is not None:
+                null_class = torch.full_like(class_labels, self.config.num_classes)
+                class_labels = torch.where(drop_condition.to(class_labels.device), null_class, class_labels)
+            condition_embeds = self.class_embedding(class_labels)[:, None]
+            condition_mask = torch.ones(condition_embeds.shape[:2], dtype=torch.bool, device=condition_embeds.device)
+
+        batch_size = condition_embeds.shape[0]
+        image_start = self.image_start_embedding + self.embed_positions.weight[0]
+        prefix_embeds = torch.cat([condition_embeds, image_start.expand(batch_size, 1, -1)], dim=1)
+        prefix_mask = F.pad(condition_mask, (0, 1), value=True)
+        return prefix_embeds, prefix_mask
+
+    def embed_image_tokens(self, token_ids: torch.LongTensor, first_token_index: int) -> torch.Tensor:
+        """
+        Embeds `token_ids` `[batch, length]`, image tokens `first_token_index`, `first_token_index + 1`, ...; returns
+        `[batch, length, hidden_size]`. Token i sits in the slot that predicts token i + 1, hence position i + 1.
+        """
+        positions = torch.arange(token_ids.shape[1], device=token_ids.device) + first_token_index + 1
+        return self.embed_tokens(token_ids) + self.embed_positions(positions)
+
+    def _decode(
+        self,
+        inputs_embeds: torch.Tensor,
+        key_padding_mask: torch.BoolTensor,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        """
+        Runs the decoder layers on `inputs_embeds` `[batch, length, hidden_size]` after the cached sequence.
+
+        `key_padding_mask` `[batch, cached_length + length]` is False for padded keys. Returns the normed hidden
+        states `[batch, length, hidden_size]`.
+        """
+        query_length = inputs_embeds.shape[1]
+        cached_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        device = inputs_embeds.device
+        query_positions = torch.arange(cached_length, cached_length + query_length, device=device)[:, None]
+        key_positions = torch.arange(cached_length + query_length, device=device)[None, :]
+        attention_mask = (key_positions <= query_positions) & key_padding_mask[:, None, None, :].to(device)
+        # A padded slot still attends to itself, so its attention row is never empty (which would yield NaN).
+        attention_mask = attention_mask | (key_positions == query_positions)
+
+        hidden_states = inputs_embeds
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values)
+        return self.norm(hidden_states)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        class_labels: torch.LongTensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        drop_condition: torch.BoolTensor | None = None,
+        labels: torch.LongTensor | None = None,
+    ) -> CausalLMOutput:
+        r"""
+        Teacher-forced next-token prediction.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `[batch, num_tokens]`):
+                FlexTok image tokens in [0, vocab_size), 1 <= num_tokens <= max_position_embeddings.
+            class_labels (`torch.LongTensor` of shape `[batch]`, *optional*):
+                Class ids in [0, num_classes); class-conditional models only.
+            encoder_hidden_states (`torch.Tensor` of shape `[batch, text_length, text_hidden_size]`, *optional*):
+                Last hidden states of a text encoder; text-conditional models only.
+            encoder_attention_mask (`torch.Tensor` of shape `[batch, text_length]`, *optional*):
+                1 for text tokens to attend, 0 for padding (the text tokenizer's attention mask).
+            drop_condition (`torch.BoolTensor` of shape `[batch]`, *optional*):
+                True where the condition is replaced by the null class / null text (the unconditional branch of
+                classifier-free guidance). In training mode, further samples are dropped at random with
+                `config.class_dropout_prob` / `config.text_dropout_prob`.
+            labels (`torch.LongTensor` of shape `[batch, num_tokens]`, *optional*):
+                Targets, usually `input_ids`; -100 is ignored.
+
+        Returns:
+            [`CausalLMOutput`] with `logits` `[batch, num_tokens, vocab_size]`, where `logits[:, i]` predicts token i
+            from the condition and tokens < i, and `loss`, the mean cross-entropy, when `labels` is given.
+        """
+        self._check_image_tokens(input_ids, "input_ids")
+        batch_size = self._check_condition(class_labels, encoder_hidden_states, encoder_attention_mask, drop_condition)
+        if input_ids.shape[0] != batch_size:
+            raise ValueError(f"input_ids has batch size {input_ids.shape[0]} but the condition has {batch_size}.")
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
+            self._check_image_tokens(labels, "labels", allow_ignore_index=True)
+
+        if self.training:
+            dropout_prob = self.config.text_dropout_prob if self.config.is_text_conditional else self.config.class_dropout_prob
+            random_drop = torch.rand(batch_size, device=input_ids.device) < dropout_prob
+            drop_condition = random_drop if drop_condition is None else drop_condition | random_drop
+
+        prefix_embeds, prefix_mask = self.embed_prefix(
+            class_labels, encoder_hidden_states, encoder_attention_mask, drop_condition
+        )
+        # The last token is only a target: nothing after it is predicted.
+        token_embeds = self.embed_image_tokens(input_ids[:, :-1], first_token_index=0)
+        inputs_embeds = torch.cat([prefix_embeds, token_embeds], dim=1)
+        key_padding_mask = F.pad(prefix_mask, (0, token_embeds.shape[1]), value=True)
+
+        hidden_states = self._decode(inputs_embeds, key_padding_mask)
+        logits = self.lm_head(hidden_states[:, prefix_embeds.shape[1] - 1 :])
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(logits.device), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def generate_tokens(
+        self,
+        class_labels: torch.LongTensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        num_tokens: int | None = None,
+        guidance_scale: float = 1.0,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.LongTensor:
+        r"""
+        Generates FlexTok image tokens, coarse to fine, with a KV cache and classifier-free guidance.
+
+        Args:
+            class_labels (`torch.LongTensor` of shape `[batch]`, *optional*):
+                Class ids; class-conditional models only.
+            encoder_hidden_states (`torch.Tensor` of shape `[batch, text_length, text_hidden_size]`, *optional*):
+                Text encoder hidden states; text-conditional models only.
+            encoder_attention_mask (`torch.Tensor` of shape `[batch, text_length]`, *optional*):
+                1 for text tokens to attend, 0 for padding.
+            num_tokens (`int`, *optional*, defaults to `config.max_position_embeddings`):
+                Tokens per image, 1 to `max_position_embeddings`; fewer tokens give a coarser image.
+            guidance_scale (`float`, *optional*, defaults to 1.0):
+                Classifier-free guidance scale s: logits = u + s * (c - u). At 1.0 the unconditional pass is skipped.
+            do_sample (`bool`, *optional*, defaults to `True`):
+                Sample from the processed distribution; `False` takes the argmax (temperature, top-k, top-p unused).
+            temperature (`float`, *optional*, defaults to 1.0):
+                Divides the guided logits; must be > 0.
+            top_k (`int`, *optional*):
+                Keep only the k most likely tokens.
+            top_p (`float`, *optional*):
+                Keep the smallest set of tokens whose probability reaches top_p, in (0, 1].
+            generator (`torch.Generator`, *optional*):
+                Random generator for sampling, for reproducible results.
+
+        Returns:
+            `torch.LongTensor` of shape `[batch, num_tokens]`.
+        """
+        num_tokens = self.config.max_position_embeddings if num_tokens is None else num_tokens
+        if not isinstance(num_tokens, int) or not 1 <= num_tokens <= self.config.max_position_embeddings:
+            raise ValueError(f"num_tokens must be an int in [1, {self.config.max_position_embeddings}], got {num_tokens}.")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        if do_sample and top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}.")
+        if do_sample and top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}.")
+        batch_size = self._check_condition(class_labels, encoder_hidden_states, encoder_attention_mask, None)
+
+        use_guidance = guidance_scale != 1.0
+        if use_guidance:
+            # Conditional and unconditional halves share one batch of 2 * batch_size.
+            if class_labels is not None:
+                class_labels = class_labels.repeat(2)
+            else:
+                encoder_hidden_states = encoder_hidden_states.repeat(2, 1, 1)
+                if encoder_attention_mask is not None:
+                    encoder_attention_mask = encoder_attention_mask.repeat(2, 1)
+            drop_condition = torch.arange(2 * batch_size, device=self.device) >= batch_size
+        else:
+            drop_condition = None
+
+        logits_warpers = LogitsProcessorList()
+        if do_sample:
+            if temperature != 1.0:
+                logits_warpers.append(TemperatureLogitsWarper(temperature))
+            if top_k is not None:
+                logits_warpers.append(TopKLogitsWarper(top_k))
+            if top_p is not None:
+                logits_warpers.append(TopPLogitsWarper(top_p))
+
+        # One small loop rather than GenerationMixin.generate: its sampling takes no torch.Generator, and the guided
+        # logits must be formed from both halves before sampling.
+        past_key_values = DynamicCache()
+        inputs_embeds, key_padding_mask = self.embed_prefix(
+            class_labels, encoder_hidden_states, encoder_attention_mask, drop_condition
+        )
+        tokens = torch.empty(batch_size, 0, dtype=torch.long, device=inputs_embeds.device)
+        for token_index in range(num_tokens):
+            if token_index > 0:
+                last_tokens = tokens[:, -1:].repeat(2, 1) if use_guidance else tokens[:, -1:]
+                inputs_embeds = self.embed_image_tokens(last_tokens, first_token_index=token_index - 1)
+                key_padding_mask = F.pad(key_padding_mask, (0, 1), value=True)
+            hidden_states = self._decode(inputs_embeds, key_padding_mask, past_key_values)
+            logits = self.lm_head(hidden_states[:, -1]).float()
+            if use_guidance:
+                conditional_logits, unconditional_logits = logits.chunk(2)
+                logits = unconditional_logits + guidance_scale * (conditional_logits - unconditional_logits)
+            if do_sample:
+                probs = F.softmax(logits_warpers(tokens, logits), dim=-1)
+                next_tokens = torch.multinomial(probs, num_samples=1, generator=generator)
+            else:
+                next_tokens = logits.argmax(dim=-1, keepdim=True)
+            tokens = torch.cat([tokens, next_tokens], dim=1)
+        return tokens
+
+
+AutoModel.register(FlexTokARConfig, FlexTokARModel)
+
+__all__ = [
+    "FlexTokARAttention",
+    "FlexTokARDecoderLayer",
+    "FlexTokARMLP",
+    "FlexTokARModel",
+    "FlexTokARPreTrainedModel",
+    "FlexTokARRMSNorm",
+]
