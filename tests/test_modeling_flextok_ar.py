@@ -263,11 +263,12 @@ def test_save_and_load_round_trip(tmp_path, text_condition, text_conditional):
         assert isinstance(reloaded, FlexTokARModel)
         assert not reloaded.training
         with torch.no_grad():
-            torch.testing.assert_close(reloaded(tokens, **condition).logits, model(tokens, **condition).logits, rtol=0, atol=0)
+            reloaded_logits = reloaded(tokens, **condition).logits
+            torch.testing.assert_close(reloaded_logits, model(tokens, **condition).logits, rtol=0, atol=0)
 
 
 def test_auto_classes_are_registered():
-    config = AutoConfig.for_model("flextok_ar", vocab_size=VOCAB_SIZE, hidden_size=32, num_attention_heads=4, num_hidden_layers=1)
+    config = AutoConfig.for_model("flextok_ar", hidden_size=32, num_attention_heads=4, num_hidden_layers=1)
     assert isinstance(config, FlexTokARConfig) and config.hidden_size == 32
     assert type(AutoModel.from_config(config)) is FlexTokARModel
 
@@ -302,7 +303,7 @@ LABELS = torch.tensor([3, 7])
     [
         (dict(input_ids=torch.full((2, 4), VOCAB_SIZE), class_labels=LABELS), r"\[0, 64\)"),
         (dict(input_ids=torch.full((2, 4), -1), class_labels=LABELS), r"\[0, 64\)"),
-        (dict(input_ids=torch.zeros(2, MAX_TOKENS + 1, dtype=torch.long), class_labels=LABELS), "max_position_embeddings"),
+        (dict(input_ids=torch.zeros(2, MAX_TOKENS + 1, dtype=torch.long), class_labels=LABELS), "1 to max_position"),
         (dict(input_ids=torch.zeros(2, 0, dtype=torch.long), class_labels=LABELS), "max_position_embeddings"),
         (dict(input_ids=TOKENS.float(), class_labels=LABELS), "integer tensor"),
         (dict(input_ids=TOKENS, class_labels=torch.tensor([3, NUM_CLASSES])), r"class_labels must lie in \[0, 10\)"),
@@ -328,7 +329,9 @@ def test_bad_class_inputs_raise(arguments, message):
         (dict(input_ids=TOKENS, encoder_hidden_states=torch.zeros(2, 3, 768)), "text_hidden_size=384"),
         (dict(input_ids=TOKENS, encoder_hidden_states=torch.zeros(2, 384)), r"\[batch, text_length >= 1"),
         (
-            dict(input_ids=TOKENS, encoder_hidden_states=torch.zeros(2, 3, 384), encoder_attention_mask=torch.ones(2, 4)),
+            dict(
+                input_ids=TOKENS, encoder_hidden_states=torch.zeros(2, 3, 384), encoder_attention_mask=torch.ones(2, 4)
+            ),
             "encoder_attention_mask must have shape",
         ),
         (

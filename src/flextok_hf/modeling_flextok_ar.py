@@ -49,7 +49,7 @@ class FlexTokARMLP(nn.Module):
 
 
 class FlexTokARAttention(nn.Module):
-    """Multi-head self-attention through `F.scaled_dot_product_attention`; positions come from learned embeddings, not RoPE."""
+    """Multi-head self-attention through `F.scaled_dot_product_attention`; positions are learned embeddings, no RoPE."""
 
     def __init__(self, config: FlexTokARConfig, layer_idx: int) -> None:
         super().__init__()
@@ -121,7 +121,6 @@ class FlexTokARPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["FlexTokARDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -166,14 +165,15 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         )
         self.norm = FlexTokARRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.gradient_checkpointing = False
 
         self.post_init()
 
     def _check_image_tokens(self, token_ids: torch.Tensor, name: str, allow_ignore_index: bool = False) -> None:
         vocab_size = self.config.vocab_size
         if token_ids.dim() != 2 or token_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be an integer tensor [batch, num_tokens], got {token_ids.dtype} {tuple(token_ids.shape)}.")
+            raise ValueError(
+                f"{name} must be an integer tensor [batch, num_tokens], got {token_ids.dtype} {tuple(token_ids.shape)}."
+            )
         if not 1 <= token_ids.shape[1] <= self.config.max_position_embeddings:
             raise ValueError(
                 f"{name} must hold 1 to max_position_embeddings={self.config.max_position_embeddings} tokens per "
@@ -211,8 +211,8 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                 )
             if encoder_hidden_states.shape[-1] != self.config.text_hidden_size:
                 raise ValueError(
-                    f"encoder_hidden_states must have hidden size config.text_hidden_size={self.config.text_hidden_size}, "
-                    f"got {encoder_hidden_states.shape[-1]}."
+                    "encoder_hidden_states must have hidden size "
+                    f"config.text_hidden_size={self.config.text_hidden_size}, got {encoder_hidden_states.shape[-1]}."
                 )
             batch_size = encoder_hidden_states.shape[0]
             if encoder_attention_mask is not None:
@@ -236,17 +236,20 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                 raise ValueError("encoder_attention_mask is only for text-conditional models.")
             if class_labels.dim() != 1 or class_labels.dtype not in (torch.int32, torch.int64):
                 raise ValueError(
-                    f"class_labels must be an integer tensor [batch], got {class_labels.dtype} {tuple(class_labels.shape)}."
+                    "class_labels must be an integer tensor [batch], got "
+                    f"{class_labels.dtype} {tuple(class_labels.shape)}."
                 )
             if not bool(((class_labels >= 0) & (class_labels < self.config.num_classes)).all()):
                 raise ValueError(
                     f"class_labels must lie in [0, {self.config.num_classes}), got values from "
-                    f"{class_labels.min().item()} to {class_labels.max().item()}; use drop_condition for the null class."
+                    f"{class_labels.min().item()} to {class_labels.max().item()}; use drop_condition for the null "
+                    "class."
                 )
             batch_size = class_labels.shape[0]
         if drop_condition is not None and (drop_condition.dtype != torch.bool or drop_condition.shape != (batch_size,)):
             raise ValueError(
-                f"drop_condition must be a bool tensor [{batch_size}], got {drop_condition.dtype} {tuple(drop_condition.shape)}."
+                f"drop_condition must be a bool tensor [{batch_size}], got "
+                f"{drop_condition.dtype} {tuple(drop_condition.shape)}."
             )
         return batch_size
 
@@ -371,11 +374,16 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
             raise ValueError(f"input_ids has batch size {input_ids.shape[0]} but the condition has {batch_size}.")
         if labels is not None:
             if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
+                raise ValueError(
+                    f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}."
+                )
             self._check_image_tokens(labels, "labels", allow_ignore_index=True)
 
         if self.training:
-            dropout_prob = self.config.text_dropout_prob if self.config.is_text_conditional else self.config.class_dropout_prob
+            if self.config.is_text_conditional:
+                dropout_prob = self.config.text_dropout_prob
+            else:
+                dropout_prob = self.config.class_dropout_prob
             random_drop = torch.rand(batch_size, device=input_ids.device) < dropout_prob
             drop_condition = random_drop if drop_condition is None else drop_condition | random_drop
 
@@ -439,7 +447,9 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         """
         num_tokens = self.config.max_position_embeddings if num_tokens is None else num_tokens
         if not isinstance(num_tokens, int) or not 1 <= num_tokens <= self.config.max_position_embeddings:
-            raise ValueError(f"num_tokens must be an int in [1, {self.config.max_position_embeddings}], got {num_tokens}.")
+            raise ValueError(
+                f"num_tokens must be an int in [1, {self.config.max_position_embeddings}], got {num_tokens}."
+            )
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         if do_sample and top_k is not None and top_k < 1:
