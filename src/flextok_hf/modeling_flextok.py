@@ -1,0 +1,742 @@
+"""FlexTok: images -> ordered 1D sequences of 1..K discrete tokens -> images (arXiv 2502.13967).
+
+Data flow: VAE encode -> patches of the latent grid + learned registers -> ViT encoder -> FSQ token ids;
+token ids -> FSQ codes -> rectified-flow transformer decoder (adaLN-zero on the time step) -> Euler sampling
+with classifier-free or adaptive projected guidance -> VAE decode.
+"""
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+from .configuration_flextok import FlexTokConfig
+
+logger = logging.get_logger(__name__)
+
+# Guidance constants of the released sampler (APG, arXiv 2410.02416).
+APG_MOMENTUM = -0.5
+APG_NORM_THRESHOLD = 2.5
+# Images may overshoot [-1, 1] a little after resizing; beyond this they are in another range.
+IMAGE_RANGE_TOLERANCE = 0.5
+
+
+@dataclass
+class FlexTokEncoderOutput(ModelOutput):
+    """
+    Args:
+        token_ids (`torch.LongTensor` of shape `(batch_size, num_registers)`): FSQ token ids, coarse to fine.
+        codes (`torch.FloatTensor` of shape `(batch_size, num_registers, len(fsq_levels))`): quantised codes.
+        latents (`torch.FloatTensor` of shape `(batch_size, latent_channels, height / f, width / f)`): scaled VAE
+            latents the tokens were computed from.
+    """
+
+    token_ids: torch.LongTensor | None = None
+    codes: torch.FloatTensor | None = None
+    latents: torch.FloatTensor | None = None
+
+
+@dataclass
+class FlexTokDecoderOutput(ModelOutput):
+    """
+    Args:
+        images (`torch.FloatTensor` `(batch_size, 3, height, width)` in about [-1, 1], `np.ndarray` or PIL list):
+            the decoded images, in the format chosen by `output_type`.
+        latents (`torch.FloatTensor` of shape `(batch_size, latent_channels, height / f, width / f)`): the sampled
+            (scaled) VAE latents.
+    """
+
+    images: torch.FloatTensor | np.ndarray | list | None = None
+    latents: torch.FloatTensor | None = None
+
+
+@dataclass
+class FlexTokOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): rectified-flow MSE between predicted and target velocity.
+        token_ids (`torch.LongTensor` of shape `(batch_size, num_registers)`): token ids of the input images.
+        predicted_velocity, target_velocity, noisy_latents (`torch.FloatTensor` of the latent shape): the decoder's
+            prediction, its target `noise - latents`, and its input `sigma * noise + (1 - sigma) * latents`.
+        sigmas (`torch.FloatTensor` of shape `(batch_size,)`): the noise level (= time step) of each image.
+        keep_k (`torch.LongTensor` of shape `(batch_size,)`): registers kept by nested dropout for each image.
+    """
+
+    loss: torch.FloatTensor | None = None
+    token_ids: torch.LongTensor | None = None
+    predicted_velocity: torch.FloatTensor | None = None
+    target_velocity: torch.FloatTensor | None = None
+    noisy_latents: torch.FloatTensor | None = None
+    sigmas: torch.FloatTensor | None = None
+    keep_k: torch.LongTensor | None = None
+
+
+def layer_norm_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Affine-free LayerNorm computed in float32 (the only norm FlexTok uses), returned in the input dtype."""
+    return F.layer_norm(x.float(), x.shape[-1:]).type_as(x)
+
+
+def build_2d_sincos_table(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed position table `[1, dim, grid, grid]`; entry `[0, :, y, x]` is
+    `[sin(y w_k), cos(y w_k), sin(x w_k), cos(x w_k)]` over `k < dim/4`, `w_k = 10000^(-k/(dim/4))`."""
+    quarter = dim // 4
+    omega = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    coords = torch.arange(grid_size, dtype=torch.float32)
+    rows = torch.outer(coords.repeat_interleave(grid_size), omega)
+    cols = torch.outer(coords.repeat(grid_size), omega)
+    table = torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1)
+    return table.T.reshape(1, dim, grid_size, grid_size)
+
+
+def patchify(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """`[B, C, H, W]` -> `[B, H/p, W/p, p*p*C]`, each patch flattened as (row in patch, column in patch, channel)."""
+    b, c, h, w = latents.shape
+    p = patch_size
+    x = latents.permute(0, 2, 3, 1).reshape(b, h // p, p, w // p, p, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, p * p * c)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """Inverse of `patchify`: `[B, h, w, p*p*C]` -> `[B, C, h*p, w*p]`."""
+    b, h, w, _ = patches.shape
+    p = patch_size
+    x = patches.reshape(b, h, w, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, channels, h * p, w * p)
+
+
+def build_attention_mask(mode: str, num_patches: int, num_registers: int, device) -> torch.Tensor | None:
+    """Boolean `[N, N]` mask (True = may attend) over one image's `[patches | registers]` sequence.
+
+    "full": no mask. "causal": each token sees tokens at or before it. "causal_last": additionally every token
+    sees all patches, so patches see only patches and register i sees every patch and registers 0..i.
+    """
+    if mode == "full":
+        return None
+    positions = torch.arange(num_patches + num_registers, device=device)
+    mask = positions[None, :] <= positions[:, None]
+    if mode == "causal_last":
+        mask = mask | (positions[None, :] < num_patches)
+    return mask
+
+
+class FSQuantizer(nn.Module):
+    """Finite scalar quantisation (arXiv 2309.15505): each of `len(levels)` dimensions is bounded with tanh and
+    rounded to one of `levels[i]` values in [-1, 1]; the digits form one id in `[0, prod(levels))`.
+    Stateless: the levels come from the config, so there is nothing to store."""
+
+    def __init__(self, levels: list[int]):
+        super().__init__()
+        self.levels = list(levels)
+        self.codebook_size = math.prod(self.levels)
+
+    def _tables(self, device):
+        levels = torch.tensor(self.levels, dtype=torch.int32, device=device)
+        basis = torch.cumprod(torch.tensor([1] + self.levels[:-1], device=device), dim=0)
+        return levels, levels // 2, basis
+
+    def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.LongTensor]:
+        """`latents` `[..., len(levels)]` -> (codes `[..., len(levels)]` float32 with straight-through
+        gradients, token ids `[...]` int64)."""
+        levels, half_width, basis = self._tables(latents.device)
+        z = latents.float()
+        half_range = (levels - 1) * (1 + 1e-3) / 2
+        offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+        shift = (offset / half_range).atanh()
+        bounded = (z + shift).tanh() * half_range - offset
+        rounded = bounded + (bounded.round() - bounded).detach()
+        codes = rounded / half_width
+        digits = (codes.detach() * half_width + half_width).round().long()
+        return codes, (digits * basis).sum(dim=-1)
+
+    def indices_to_codes(self, token_ids: torch.LongTensor) -> torch.Tensor:
+        """Token ids `[...]` -> codes `[..., len(levels)]` (float32)."""
+        levels, half_width, basis = self._tables(token_ids.device)
+        digits = (token_ids.unsqueeze(-1) // basis) % levels
+        return (digits - half_width) / half_width
+
+
+class FlexTokAttention(nn.Module):
+    """Multi-head self-attention without biases, with QK-norm and the muP scale 8/head_dim of the released
+    models (equal to 1/sqrt(head_dim) only at head_dim 64)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, qk_norm: bool):
+        super().__init__()
+        self.num_heads = hidden_size // head_dim
+        self.head_dim = head_dim
+        self.qk_norm = qk_norm
+        self.scale = 8.0 / head_dim
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.qk_norm:
+            query, key = layer_norm_fp32(query), layer_norm_fp32(key)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class FlexTokMLP(nn.Module):
+    """Gated SiLU MLP, `down(silu(gate(x)) * up(x))`, hidden size `int(2/3 * int(mlp_ratio * hidden))`."""
+
+    def __init__(self, hidden_size: int, mlp_ratio: float):
+        super().__init__()
+        intermediate_size = int(2 * int(hidden_size * mlp_ratio) / 3)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class FlexTokBlock(nn.Module):
+    """Pre-norm transformer block of the encoder."""
+
+    def __init__(self, hidden_size: int, head_dim: int, mlp_ratio: float, qk_norm: bool):
+        super().__init__()
+        self.attn = FlexTokAttention(hidden_size, head_dim, qk_norm)
+        self.mlp = FlexTokMLP(hidden_size, mlp_ratio)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(layer_norm_fp32(hidden_states), attention_mask)
+        return hidden_states + self.mlp(layer_norm_fp32(hidden_states))
+
+
+class FlexTokAdaLNBlock(FlexTokBlock):
+    """Decoder block with adaLN-zero modulation by the time embedding. With `num_segments` 2 the patches and
+    the registers get separate modulations."""
+
+    def __init__(self, hidden_size: int, head_dim: int, mlp_ratio: float, qk_norm: bool, num_segments: int):
+        super().__init__(hidden_size, head_dim, mlp_ratio, qk_norm)
+        self.num_segments = num_segments
+        self.adaln_modulation = nn.Linear(hidden_size, num_segments * 6 * hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        time_embedding: torch.Tensor,
+        segment_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, _, dim = hidden_states.shape
+        modulation = self.adaln_modulation(F.silu(time_embedding)).view(batch, self.num_segments, 6, dim)
+        gate_msa, gate_mlp, shift_msa, scale_msa, shift_mlp, scale_mlp = modulation[:, segment_ids].unbind(dim=2)
+        attn_input = layer_norm_fp32(hidden_states) * (1 + scale_msa) + shift_msa
+        hidden_states = hidden_states + gate_msa * self.attn(attn_input, attention_mask)
+        mlp_input = layer_norm_fp32(hidden_states) * (1 + scale_mlp) + shift_mlp
+        return hidden_states + gate_mlp * self.mlp(mlp_input)
+
+
+class FlexTokTimestepEmbedder(nn.Module):
+    """Sinusoidal features of t in [0, max_timestep] -> MLP. Written out rather than diffusers'
+    `get_timestep_embedding`, which scales after the product and so rounds differently from the released model."""
+
+    def __init__(self, frequency_dim: int, hidden_size: int, max_timestep: float):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.max_timestep = max_timestep
+        self.linear_1 = nn.Linear(frequency_dim, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_dim // 2
+        exponent = -math.log(256) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+        freqs = (1000.0 / self.max_timestep) * torch.exp(exponent)
+        args = timesteps[:, None].float() * freqs[None]
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(features)))
+
+
+class FlexTokEncoder(nn.Module):
+    """ViT over 2x2 patches of the VAE latent with `num_registers` learned register tokens appended; the
+    register outputs are projected to the FSQ dimension."""
+
+    def __init__(self, config: FlexTokConfig):
+        super().__init__()
+        dim = config.encoder_hidden_size
+        self.config = config
+        self.patch_embed = nn.Linear(config.latent_channels * config.patch_size**2, dim)
+        self.register_buffer("position_table", build_2d_sincos_table(dim, config.max_grid_size))
+        self.registers = nn.Parameter(torch.zeros(config.num_registers, dim))
+        self.blocks = nn.ModuleList(
+            FlexTokBlock(dim, config.encoder_head_dim, config.encoder_mlp_ratio, config.qk_norm)
+            for _ in range(config.encoder_num_layers)
+        )
+        self.to_latents = nn.Linear(dim, len(config.fsq_levels))
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled VAE latents `[B, C, H/f, W/f]` -> register latents `[B, num_registers, len(fsq_levels)]`."""
+        patches = patchify(latents.to(self.patch_embed.weight.dtype), self.config.patch_size)
+        batch, grid_h, grid_w, _ = patches.shape
+        positions = self.position_table[0, :, :grid_h, :grid_w].permute(1, 2, 0)
+        hidden = (self.patch_embed(patches) + positions).flatten(1, 2)
+        hidden = torch.cat([hidden, self.registers.expand(batch, -1, -1)], dim=1)
+        num_patches = grid_h * grid_w
+        mask = build_attention_mask(
+            self.config.encoder_attention_mask, num_patches, self.config.num_registers, hidden.device
+        )
+        for block in self.blocks:
+            hidden = block(hidden, mask)
+        return self.to_latents(layer_norm_fp32(hidden[:, num_patches:]))
+
+
+class FlexTokDecoder(nn.Module):
+    """Rectified-flow transformer: (noisy latent, time step, register codes) -> velocity.
+
+    The register codes are embedded, then position embedding, nested dropout (registers at or after `keep_k`
+    become the learned mask token) and null conditioning (all registers of an image become the learned null
+    token) are applied in `config.decoder_register_steps` order. Patches of the noisy latent and registers form
+    one sequence per image.
+    """
+
+    def __init__(self, config: FlexTokConfig):
+        super().__init__()
+        dim = config.decoder_hidden_size
+        self.config = config
+        patch_dim = config.latent_channels * config.patch_size**2
+        self.register_embed = nn.Linear(len(config.fsq_levels), dim)
+        self.register_position_embeddings = nn.Parameter(torch.zeros(config.num_registers, dim))
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.null_condition = nn.Parameter(torch.zeros(dim))
+        self.patch_embed = nn.Linear(patch_dim, dim)
+        self.register_buffer("position_table", build_2d_sincos_table(dim, config.max_grid_size))
+        self.time_embedder = FlexTokTimestepEmbedder(config.time_embedding_dim, dim, config.max_timestep)
+        self.num_segments = 2 if config.decoder_adaln_per_subsequence else 1
+        self.blocks = nn.ModuleList(
+            FlexTokAdaLNBlock(dim, config.decoder_head_dim, config.decoder_mlp_ratio, config.qk_norm, self.num_segments)
+            for _ in range(config.decoder_num_layers)
+        )
+        self.output_adaln_modulation = nn.Linear(dim, 2 * dim)
+        self.output_proj = nn.Linear(dim, patch_dim)
+
+    def embed_registers(
+        self, codes: torch.Tensor, keep_k: torch.LongTensor, null_condition_mask: torch.BoolTensor
+    ) -> torch.Tensor:
+        """Codes `[B, K, d]`, keep_k `[B]`, null_condition_mask `[B]` -> register tokens `[B, K, D]`."""
+        registers = self.register_embed(codes.to(self.register_embed.weight.dtype))
+        kept = torch.arange(registers.shape[1], device=registers.device)[None, :] < keep_k[:, None]
+        for step in self.config.decoder_register_steps:
+            if step == "position_embedding":
+                registers = registers + self.register_position_embeddings[: registers.shape[1]]
+            elif step == "nested_dropout":
+                registers = torch.where(kept[..., None], registers, self.mask_token)
+            else:
+                registers = torch.where(null_condition_mask[:, None, None], self.null_condition, registers)
+        return registers
+
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        codes: torch.Tensor,
+        keep_k: torch.LongTensor | None = None,
+        null_condition_mask: torch.BoolTensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            noisy_latents (`[B, C, H/f, W/f]`): x_t = t * noise + (1 - t) * latents.
+            timesteps (`[B]`): t in [0, max_timestep].
+            codes (`[B, K, len(fsq_levels)]`): FSQ codes of the K registers.
+            keep_k (`[B]`, *optional*): registers kept per image; the rest become the mask token. Default: all.
+            null_condition_mask (`[B]` bool, *optional*): images whose registers are replaced by the null
+                condition (the unconditional branch of guidance). Default: none.
+
+        Returns:
+            `torch.FloatTensor` `[B, C, H/f, W/f]`: the predicted velocity `noise - latents`.
+        """
+        batch, num_registers = codes.shape[:2]
+        device = noisy_latents.device
+        if keep_k is None:
+            keep_k = torch.full((batch,), num_registers, device=device)
+        if null_condition_mask is None:
+            null_condition_mask = torch.zeros(batch, dtype=torch.bool, device=device)
+        registers = self.embed_registers(codes, keep_k, null_condition_mask)
+
+        patches = patchify(noisy_latents.to(self.patch_embed.weight.dtype), self.config.patch_size)
+        _, grid_h, grid_w, _ = patches.shape
+        positions = self.position_table[0, :, :grid_h, :grid_w].permute(1, 2, 0)
+        patches = (self.patch_embed(patches) + positions).flatten(1, 2)
+        num_patches = grid_h * grid_w
+        hidden = torch.cat([patches, registers], dim=1)
+
+        time_embedding = self.time_embedder(timesteps)
+        segment_ids = torch.zeros(hidden.shape[1], dtype=torch.long, device=device)
+        if self.num_segments == 2:
+            segment_ids[num_patches:] = 1
+        mask = build_attention_mask(self.config.decoder_attention_mask, num_patches, num_registers, device)
+        for block in self.blocks:
+            hidden = block(hidden, time_embedding, segment_ids, mask)
+
+        shift, scale = self.output_adaln_modulation(F.silu(time_embedding))[:, None].chunk(2, dim=-1)
+        patches = layer_norm_fp32(hidden[:, :num_patches]) * (1 + scale) + shift
+        patches = self.output_proj(patches).view(batch, grid_h, grid_w, -1)
+        return unpatchify(patches, self.config.patch_size, self.config.latent_channels)
+
+
+class FlexTokPreTrainedModel(PreTrainedModel):
+    config_class = FlexTokConfig
+    base_model_prefix = "flextok"
+    main_input_name = "pixel_values"
+    _supports_sdpa = True
+    _no_split_modules = ["FlexTokBlock", "FlexTokAdaLNBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        # Only FlexTok's own modules: the VAE keeps diffusers' initialisation (released VAE weights replace it).
+        std = self.config.initializer_range
+        if isinstance(module, (FlexTokAttention, FlexTokMLP, FlexTokTimestepEmbedder)):
+            for linear in module.children():
+                init.xavier_uniform_(linear.weight)
+                if linear.bias is not None:
+                    init.zeros_(linear.bias)
+        elif isinstance(module, FlexTokAdaLNBlock):
+            # adaLN-zero: every block starts as the identity.
+            init.zeros_(module.adaln_modulation.weight)
+            init.zeros_(module.adaln_modulation.bias)
+        elif isinstance(module, (FlexTokEncoder, FlexTokDecoder)):
+            table = build_2d_sincos_table(module.position_table.shape[1], self.config.max_grid_size)
+            init.copy_(module.position_table, table)
+            init.xavier_uniform_(module.patch_embed.weight)
+            init.zeros_(module.patch_embed.bias)
+        if isinstance(module, FlexTokEncoder):
+            init.trunc_normal_(module.registers, std=std)
+            init.zeros_(module.to_latents.weight)
+            init.zeros_(module.to_latents.bias)
+        elif isinstance(module, FlexTokDecoder):
+            for token in (module.register_position_embeddings, module.mask_token, module.null_condition):
+                init.trunc_normal_(token, std=std)
+            init.xavier_uniform_(module.register_embed.weight)
+            for linear in (module.register_embed, module.output_adaln_modulation, module.output_proj):
+                init.zeros_(linear.bias)
+            init.zeros_(module.output_adaln_modulation.weight)
+            init.zeros_(module.output_proj.weight)
+
+
+class FlexTokModel(FlexTokPreTrainedModel):
+    """FlexTok tokenizer: `encode` images to token ids, `decode` any prefix of them back to images, and `forward`
+    for the rectified-flow training loss.
+
+    Example:
+
+    ```python
+    >>> model = FlexTokModel.from_pretrained("EPFL-VILAB/flextok_d18_d28_in1k")  # or a converted folder
+    >>> token_ids = model.encode(images)  # images [B, 3, 256, 256] in [-1, 1] -> [B, 256]
+    >>> out = model.decode(token_ids[:, :16], num_inference_steps=25, guidance_scale=7.5, output_type="pil")
+    ```
+    """
+
+    def __init__(self, config: FlexTokConfig):
+        super().__init__(config)
+        self.vae = AutoencoderKL.from_config(config.vae_config)
+        self.vae.requires_grad_(False)
+        self.encoder = FlexTokEncoder(config)
+        self.quantizer = FSQuantizer(config.fsq_levels)
+        self.decoder = FlexTokDecoder(config)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=config.vae_downsample_factor)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, vae_config=None, **kwargs):
+        """Loads our format (transformers `save_pretrained`) or a released checkpoint in the reference's format
+        (hydra-style `config.json` + `model.safetensors`, or one `.safetensors` file carrying the config in its
+        metadata). For the released format, `vae_config` (a diffusers config dict, a JSON file or a folder) stands
+        in for the VAE repo the checkpoint names; by default it is looked up beside the checkpoint, then on the Hub.
+        """
+        from .convert_flextok_checkpoint import is_reference_checkpoint, load_reference_checkpoint
+
+        if is_reference_checkpoint(pretrained_model_name_or_path, **kwargs):
+            return load_reference_checkpoint(
+                cls, pretrained_model_name_or_path, vae_config=vae_config, **kwargs
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------- input checks
+
+    def check_images(self, images: torch.Tensor):
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a tensor [B, 3, H, W] in [-1, 1], got {shape}.")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be a floating-point tensor in [-1, 1], got dtype {images.dtype}.")
+        self.check_image_size(images.shape[2], images.shape[3])
+        low, high = images.min().item(), images.max().item()
+        if low < -1 - IMAGE_RANGE_TOLERANCE or high > 1 + IMAGE_RANGE_TOLERANCE:
+            raise ValueError(f"images must be scaled to [-1, 1], got values in [{low:.3g}, {high:.3g}].")
+
+    def check_image_size(self, height: int, width: int):
+        multiple = self.config.image_multiple
+        largest = self.config.max_grid_size * multiple
+        if height % multiple or width % multiple or height > largest or width > largest:
+            raise ValueError(
+                f"image height and width must be multiples of {multiple} (VAE factor "
+                f"{self.config.vae_downsample_factor} x patch size {self.config.patch_size}) and at most {largest}, "
+                f"got {height}x{width}."
+            )
+
+    def check_token_ids(self, token_ids) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Accepts `[B, k]` or a list of 1D (or `[1, k]`) tensors; returns (ids zero-padded to `[B, K]`,
+        lengths `[B]`)."""
+        sequences = list(token_ids) if isinstance(token_ids, (list, tuple)) or token_ids.ndim == 2 else None
+        if not sequences:
+            raise ValueError("token_ids must be a [B, k] tensor or a non-empty list of 1D tensors.")
+        num_registers = self.config.num_registers
+        padded = torch.zeros(len(sequences), num_registers, dtype=torch.long, device=self.device)
+        lengths = []
+        for i, ids in enumerate(sequences):
+            ids = torch.as_tensor(ids)
+            if ids.ndim == 2 and ids.shape[0] == 1:
+                ids = ids[0]
+            if ids.ndim != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise ValueError(f"token_ids[{i}] must be a 1D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}.")
+            if not 1 <= len(ids) <= num_registers:
+                raise ValueError(f"token_ids[{i}] has {len(ids)} tokens; expected 1 to {num_registers}.")
+            if ids.min() < 0 or ids.max() >= self.config.codebook_size:
+                raise ValueError(
+                    f"token_ids[{i}] has ids in [{ids.min().item()}, {ids.max().item()}]; the vocabulary is "
+                    f"[0, {self.config.codebook_size})."
+                )
+            padded[i, : len(ids)] = ids.to(self.device)
+            lengths.append(len(ids))
+        return padded, torch.tensor(lengths, device=self.device)
+
+    # ------------------------------------------------------------------------------------------ tokenizer
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images `[B, 3, H, W]` in [-1, 1] -> scaled VAE latents `[B, C, H/f, W/f]` (posterior mean unless
+        `config.vae_sample_posterior`)."""
+        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        latents = posterior.sample() if self.config.vae_sample_posterior else posterior.mode()
+        return latents * self.config.vae_scaling_factor
+
+    def encode(self, images: torch.Tensor, return_dict: bool = False) -> torch.LongTensor | FlexTokEncoderOutput:
+        """Tokenize images.
+
+        Args:
+            images (`torch.FloatTensor` `[B, 3, H, W]` in [-1, 1]): H and W multiples of `config.image_multiple`.
+            return_dict (`bool`): return a [`FlexTokEncoderOutput`] (ids, codes, VAE latents) instead of the ids.
+
+        Returns:
+            `torch.LongTensor` `[B, num_registers]`: token ids, coarse to fine; any prefix can be decoded.
+        """
+        self.check_images(images)
+        with torch.no_grad():
+            latents = self.encode_latents(images)
+        codes, token_ids = self.quantizer(self.encoder(latents))
+        if return_dict:
+            return FlexTokEncoderOutput(token_ids=token_ids, codes=codes, latents=latents)
+        return token_ids
+
+    def prepare_latents(
+        self, batch_size: int, height: int, width: int, generator=None, device=None
+    ) -> torch.FloatTensor:
+        """Initial noise `[B, C, H/f, W/f]` (float32), drawn image by image from `generator` (a list gives one per
+        image), so a CPU generator reproduces the reference's noise for the same seed."""
+        factor = self.config.vae_downsample_factor
+        shape = (1, self.config.latent_channels, height // factor, width // factor)
+        generators = generator if isinstance(generator, list) else [generator] * batch_size
+        if len(generators) != batch_size:
+            raise ValueError(f"Got {len(generators)} generators for a batch of {batch_size} images.")
+        device = device or self.device
+        return torch.cat([randn_tensor(shape, generator=g, device=device, dtype=torch.float32) for g in generators])
+
+    def guided_velocity(
+        self,
+        latents: torch.Tensor,
+        timestep: float,
+        codes: torch.Tensor,
+        keep_k: torch.LongTensor,
+        guidance_scale: float,
+        momentum_buffer: MomentumBuffer | None,
+    ) -> torch.Tensor:
+        """One velocity evaluation with guidance; cond and uncond run as one batch of 2B.
+        APG (arXiv 2410.02416) is used when `momentum_buffer` is given, else classifier-free guidance."""
+        batch = latents.shape[0]
+        timesteps = torch.full((batch,), timestep, device=latents.device)
+        if guidance_scale == 1.0:
+            return self.decoder(latents, timesteps, codes, keep_k).float()
+        null_condition_mask = torch.arange(2 * batch, device=latents.device) >= batch
+        velocity = self.decoder(
+            latents.repeat(2, 1, 1, 1), timesteps.repeat(2), codes.repeat(2, 1, 1), keep_k.repeat(2), null_condition_mask
+        ).float()
+        cond, uncond = velocity.chunk(2)
+        if momentum_buffer is None:
+            return uncond + guidance_scale * (cond - uncond)
+        # With the original formulation and eta 0 this is cond + (s - 1) * (orthogonal part of the update).
+        return normalized_guidance(
+            cond,
+            uncond,
+            guidance_scale - 1,
+            momentum_buffer,
+            eta=0.0,
+            norm_threshold=APG_NORM_THRESHOLD,
+            use_original_formulation=True,
+            norm_dim=(1, 2, 3),
+        )
+
+    @torch.no_grad()
+    def decode(
+        self,
+        token_ids: torch.LongTensor | list[torch.LongTensor],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        norm_guidance: bool = True,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        latents: torch.FloatTensor | None = None,
+        output_type: str = "pt",
+        return_dict: bool = True,
+        scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+        progress_bar: Callable[[Iterable], Iterable] | None = None,
+    ) -> FlexTokDecoderOutput | tuple:
+        """Detokenize: sample images whose first k tokens are `token_ids`.
+
+        Args:
+            token_ids (`torch.LongTensor` `[B, k]` or a list of B 1D tensors of lengths 1..num_registers): the
+                prefixes may differ in length; they go through the decoder together, one batched call per step.
+            num_inference_steps (`int`): Euler steps from t=1 (noise) to t=0.
+            guidance_scale (`float`): guidance strength; 1.0 disables guidance (and the unconditional pass).
+            norm_guidance (`bool`): adaptive projected guidance (APG) instead of plain classifier-free guidance.
+            generator (`torch.Generator` or list): for the initial noise.
+            height, width (`int`, *optional*): output size in pixels, default `config.image_size`.
+            latents (`torch.FloatTensor` `[B, C, H/f, W/f]`, *optional*): initial noise, drawn if not given.
+            output_type (`str`): "pt" (tensor `[B, 3, H, W]`, about [-1, 1], unclamped), "np" (`[B, H, W, 3]` in
+                [0, 1]), "pil", or "latent" (the sampled VAE latents).
+            scheduler: a `FlowMatchEulerDiscreteScheduler`; a default one (shift 1) is made if not given.
+            progress_bar: wraps the step iterable (e.g. a pipeline's `progress_bar`); default a tqdm bar.
+
+        Returns:
+            [`FlexTokDecoderOutput`] with `images` and `latents`, or a tuple `(images,)` if not `return_dict`.
+        """
+        padded_ids, keep_k = self.check_token_ids(token_ids)
+        if output_type not in ("pt", "np", "pil", "latent"):
+            raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
+        height, width = height or self.config.image_size, width or self.config.image_size
+        self.check_image_size(height, width)
+        batch = padded_ids.shape[0]
+        if latents is None:
+            latents = self.prepare_latents(batch, height, width, generator)
+        latents = latents.to(device=self.device, dtype=torch.float32)
+
+        codes = self.quantizer.indices_to_codes(padded_ids)
+        scheduler = scheduler or FlowMatchEulerDiscreteScheduler(shift=1.0)
+        # Time steps i/T for i = T..1, exactly as the released sampler; the scheduler appends t = 0.
+        sigmas = [i / num_inference_steps for i in range(num_inference_steps, 0, -1)]
+        scheduler.set_timesteps(sigmas=sigmas, device=self.device)
+        momentum_buffer = MomentumBuffer(APG_MOMENTUM) if norm_guidance and guidance_scale != 1.0 else None
+        progress_bar = progress_bar or (lambda steps: logging.tqdm(steps, total=num_inference_steps))
+        for step, timestep in zip(progress_bar(range(num_inference_steps)), scheduler.timesteps):
+            velocity = self.guided_velocity(latents, sigmas[step], codes, keep_k, guidance_scale, momentum_buffer)
+            latents = scheduler.step(velocity, timestep, latents).prev_sample
+
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.vae.decode(latents.to(self.vae.dtype) / self.config.vae_scaling_factor).sample
+            if output_type != "pt":
+                images = self.image_processor.postprocess(images.float(), output_type=output_type)
+        if not return_dict:
+            return (images,)
+        return FlexTokDecoderOutput(images=images, latents=latents)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, num_tokens: int | list[int] = 256, **decode_kwargs):
+        """Encode images and decode the first `num_tokens` tokens of each (an int, or one per image).
+        `decode_kwargs` go to [`~FlexTokModel.decode`] (its height and width default to the input's)."""
+        token_ids = self.encode(images)
+        lengths = [num_tokens] * len(token_ids) if isinstance(num_tokens, int) else list(num_tokens)
+        if len(lengths) != len(token_ids):
+            raise ValueError(f"num_tokens has {len(lengths)} entries for {len(token_ids)} images.")
+        decode_kwargs.setdefault("height", images.shape[2])
+        decode_kwargs.setdefault("width", images.shape[3])
+        return self.decode([ids[:k] for ids, k in zip(token_ids, lengths)], **decode_kwargs)
+
+    # ------------------------------------------------------------------------------------------- training
+
+    def sample_keep_k(self, batch_size: int, device) -> torch.LongTensor:
+        """Nested dropout: how many registers each image keeps (`config.nested_dropout_mode`)."""
+        num_registers = self.config.num_registers
+        if self.config.nested_dropout_mode == "pow2":
+            powers = 2 ** torch.arange(num_registers.bit_length(), device=device)
+            return powers[torch.randint(len(powers), (batch_size,), device=device)]
+        keep_k = torch.randint(1, num_registers + 1, (batch_size,), device=device)
+        if self.config.nested_dropout_mode == "uniform_pow2":
+            keep_k = 2 ** torch.ceil(torch.log2(keep_k.float())).long()
+        return keep_k
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        sigmas: torch.Tensor | None = None,
+        keep_k: torch.LongTensor | None = None,
+        null_condition_mask: torch.BoolTensor | None = None,
+        return_dict: bool = True,
+    ) -> FlexTokOutput | tuple:
+        """Rectified-flow training loss with nested dropout.
+
+        Args:
+            pixel_values (`[B, 3, H, W]` in [-1, 1]): images.
+            noise (`[B, C, H/f, W/f]`, *optional*): Gaussian noise; drawn if not given.
+            sigmas (`[B]`, *optional*): noise levels; default logit-normal, `sigmoid(N(0, 1))`.
+            keep_k (`[B]`, *optional*): registers kept; in training sampled per `config.nested_dropout_mode`,
+                in eval mode all are kept.
+            null_condition_mask (`[B]` bool, *optional*): images trained unconditionally; in training each with
+                probability `config.null_condition_prob`, in eval mode none.
+
+        Returns:
+            [`FlexTokOutput`] with `loss = mean((decoder(x_t, sigma) - (noise - latents))^2)`.
+        """
+        self.check_images(pixel_values)
+        with torch.no_grad():
+            latents = self.encode_latents(pixel_values).float()
+        codes, token_ids = self.quantizer(self.encoder(latents))
+
+        batch, device = latents.shape[0], latents.device
+        noise = torch.randn_like(latents) if noise is None else noise.to(latents)
+        sigmas = torch.sigmoid(torch.randn(batch, device=device)) if sigmas is None else sigmas.to(latents)
+        if keep_k is None and self.training:
+            keep_k = self.sample_keep_k(batch, device)
+        if null_condition_mask is None and self.training:
+            null_condition_mask = torch.rand(batch, device=device) < self.config.null_condition_prob
+        sigma = sigmas.view(-1, 1, 1, 1)
+        noisy_latents = sigma * noise + (1 - sigma) * latents
+        target = noise - latents
+        predicted = self.decoder(noisy_latents, sigmas, codes, keep_k, null_condition_mask)
+        loss = F.mse_loss(predicted.float(), target)
+        if not return_dict:
+            return (loss, token_ids, predicted, target)
+        return FlexTokOutput(
+            loss=loss,
+            token_ids=token_ids,
+            predicted_velocity=predicted,
+            target_velocity=target,
+            noisy_latents=noisy_latents,
+            sigmas=sigmas,
+            keep_k=keep_k,
+        )
+
+
+AutoConfig.register(FlexTokConfig.model_type, FlexTokConfig)
+AutoModel.register(FlexTokConfig, FlexTokModel)
