@@ -1,3 +1,13 @@
 """flextok-hf: FlexTok (arXiv 2502.13967) as transformers models and a diffusers pipeline."""
 from .configuration_flextok_ar import FlexTokARConfig
 from .modeling_flextok_ar import FlexTokARModel, FlexTokARPreTrainedModel
+
+from .configuration_flextok import FlexTokConfig
+from .modeling_flextok import (
+    FlexTokDecoderOutput,
+    FlexTokEncoderOutput,
+    FlexTokModel,
+    FlexTokOutput,
+    FlexTokPreTrainedModel,
+    FSQuantizer,
+)
