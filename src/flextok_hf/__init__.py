@@ -11,3 +11,4 @@ from .modeling_flextok import (
     FlexTokPreTrainedModel,
     FSQuantizer,
 )
+from .pipelines.pipeline_flextok import FlexTokPipeline

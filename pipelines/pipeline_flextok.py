@@ -1,0 +1,318 @@
+"""FlexTokPipeline: class- or text-conditional image generation with FlexTok (arXiv 2502.13967).
+
+An autoregressive model samples an ordered 1D sequence of 1..256 FlexTok tokens, coarse to fine, and the FlexTok
+tokenizer's rectified-flow decoder renders that sequence into an image.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import replace_example_docstring
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from flextok_hf.modeling_flextok import FlexTokModel
+from flextok_hf.modeling_flextok_ar import FlexTokARModel
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from flextok_hf import FlexTokPipeline
+
+        >>> pipe = FlexTokPipeline.from_pretrained("path/to/saved_pipeline")
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> # 16 tokens: a coarse image; 256 tokens: every detail the tokenizer can hold.
+        >>> images = pipe(class_labels=[207, 360], num_tokens=16, generator=generator).images
+        ```
+"""
+
+
+@dataclass
+class FlexTokPipelineOutput(ImagePipelineOutput):
+    """
+    Output of [`FlexTokPipeline`].
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` `[batch, height, width, 3]` or `torch.Tensor`
+            `[batch, 3, height, width]`): the generated images, in [0, 1] for "np" and "pt".
+        tokens (`torch.LongTensor` `[batch, num_tokens]`, *optional*): the sampled FlexTok token ids, returned when
+            `return_tokens=True`; `FlexTokModel.decode` renders them again.
+    """
+
+    tokens: torch.LongTensor | None = None
+
+
+class FlexTokPipeline(DiffusionPipeline):
+    r"""
+    Generates images with FlexTok: `ar_model` samples FlexTok token ids given class labels or a text prompt, and the
+    `flextok` tokenizer's rectified-flow decoder turns any number of them (1 to `num_registers`) into an image.
+
+    Args:
+        ar_model ([`FlexTokARModel`]): autoregressive generator of FlexTok tokens, class- or text-conditional.
+        flextok ([`FlexTokModel`]): the FlexTok tokenizer; its decoder renders token sequences into images.
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]): steps the decoder's rectified flow from noise to latents.
+        text_encoder ([`~transformers.PreTrainedModel`], *optional*): any transformers text encoder whose last hidden
+            states condition a text-conditional `ar_model` (its hidden size is `ar_model.config.text_hidden_size`).
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`], *optional*): the text encoder's tokenizer.
+    """
+
+    model_cpu_offload_seq = "text_encoder->ar_model->flextok"
+    _optional_components = ["text_encoder", "tokenizer"]
+
+    def __init__(
+        self,
+        ar_model: FlexTokARModel,
+        flextok: FlexTokModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        text_encoder: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            ar_model=ar_model, flextok=flextok, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+        )
+        self.image_processor = VaeImageProcessor(vae_scale_factor=flextok.config.vae_downsample_factor)
+
+    @property
+    def max_num_tokens(self) -> int:
+        """The longest token sequence both the generator and the tokenizer handle."""
+        return min(self.ar_model.config.max_position_embeddings, self.flextok.config.num_registers)
+
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        class_labels: int | list[int] | None,
+        num_tokens: int,
+        num_images_per_prompt: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        output_type: str,
+    ) -> None:
+        if self.ar_model.config.vocab_size != self.flextok.config.codebook_size:
+            raise ValueError(
+                f"ar_model predicts {self.ar_model.config.vocab_size} token ids but the FlexTok codebook has "
+                f"{self.flextok.config.codebook_size}: the two models do not belong together."
+            )
+        if (prompt is None) == (class_labels is None):
+            raise ValueError("Pass exactly one of `prompt` (text-conditional) or `class_labels` (class-conditional).")
+
+        if prompt is not None:
+            if not self.ar_model.config.is_text_conditional:
+                raise ValueError(
+                    f"This pipeline's ar_model is class-conditional ({self.ar_model.config.num_classes} classes): "
+                    "pass `class_labels`, not `prompt`."
+                )
+            if self.text_encoder is None or self.tokenizer is None:
+                raise ValueError("A text prompt needs the pipeline's optional `text_encoder` and `tokenizer`.")
+            if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and len(prompt) == 0):
+                raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}.")
+            if isinstance(prompt, list) and not all(isinstance(text, str) for text in prompt):
+                raise ValueError("Every entry of `prompt` must be a string.")
+        else:
+            if self.ar_model.config.is_text_conditional:
+                raise ValueError("This pipeline's ar_model is text-conditional: pass `prompt`, not `class_labels`.")
+            labels = [class_labels] if isinstance(class_labels, int) else class_labels
+            if not isinstance(labels, list) or len(labels) == 0:
+                raise ValueError(f"`class_labels` must be an int or a non-empty list of ints, got {class_labels!r}.")
+            num_classes = self.ar_model.config.num_classes
+            for label in labels:
+                if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_classes:
+                    raise ValueError(f"Class ids must be ints in [0, {num_classes}), got {label!r}.")
+
+        if not isinstance(num_tokens, int) or not 1 <= num_tokens <= self.max_num_tokens:
+            raise ValueError(f"`num_tokens` must be an int in [1, {self.max_num_tokens}], got {num_tokens!r}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}.")
+        if isinstance(generator, list):
+            conditions = prompt if prompt is not None else class_labels
+            batch_size = (len(conditions) if isinstance(conditions, list) else 1) * num_images_per_prompt
+            if len(generator) != batch_size:
+                raise ValueError(
+                    f"Got a list of {len(generator)} generators for {batch_size} images; pass one generator per image "
+                    "(prompts or class labels times num_images_per_prompt), or a single generator."
+                )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        device: torch.device | None = None,
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """
+        Encodes the prompts with the text encoder.
+
+        Returns:
+            `prompt_embeds` `[batch * num_images_per_prompt, text_length, text_hidden_size]` (the text encoder's last
+            hidden states) and `prompt_attention_mask` `[batch * num_images_per_prompt, text_length]` (0 on padding).
+            The images of one prompt are adjacent. The unconditional branch of classifier-free guidance needs no
+            encoding: `ar_model` replaces the text by its learned null text.
+        """
+        device = device or self._execution_device
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        text_inputs = self.tokenizer(prompt, padding=True, truncation=True, return_tensors="pt")
+        attention_mask = text_inputs.attention_mask.to(device)
+        prompt_embeds = self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask)[0]
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        attention_mask = attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, attention_mask
+
+    def generate_tokens(
+        self,
+        condition: dict[str, torch.Tensor],
+        generator: torch.Generator | list[torch.Generator] | None,
+        **sampling_kwargs,
+    ) -> torch.LongTensor:
+        """
+        Samples token ids `[batch, num_tokens]` with `ar_model.generate_tokens`. `condition` holds its batched
+        conditioning arguments (`class_labels`, or `encoder_hidden_states` and `encoder_attention_mask`). A list of
+        generators samples image by image, each from its own generator, so every image only depends on its own seed.
+        """
+        self._onload(self.ar_model)
+        if not isinstance(generator, list):
+            return self.ar_model.generate_tokens(**condition, generator=generator, **sampling_kwargs)
+        return torch.cat(
+            [
+                self.ar_model.generate_tokens(
+                    **{name: value[index : index + 1] for name, value in condition.items()},
+                    generator=image_generator,
+                    **sampling_kwargs,
+                )
+                for index, image_generator in enumerate(generator)
+            ]
+        )
+
+    @staticmethod
+    def _onload(model: torch.nn.Module) -> None:
+        """Under model CPU offload, moves `model` to the execution device: accelerate's hook fires on `forward` only,
+        and the pipeline calls `generate_tokens` and `decode` (as diffusers' `apply_forward_hook` does)."""
+        offload_hook = getattr(model, "_hf_hook", None)
+        if offload_hook is not None:
+            offload_hook.pre_forward(model)
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        class_labels: int | list[int] | None = None,
+        num_tokens: int | None = None,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 4.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        decoder_guidance_scale: float = 7.5,
+        decoder_norm_guidance: bool = True,
+        num_inference_steps: int = 25,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_tokens: bool = False,
+    ) -> FlexTokPipelineOutput | tuple:
+        r"""
+        Generates images: samples FlexTok tokens with `ar_model`, then renders them with the FlexTok decoder.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                Text prompts; only for a text-conditional `ar_model`, with `text_encoder` and `tokenizer` loaded.
+            class_labels (`int` or `list[int]`, *optional*):
+                Class ids in [0, `ar_model.config.num_classes`) (ImageNet ids for ImageNet models); only for a
+                class-conditional `ar_model`. Pass exactly one of `prompt` and `class_labels`.
+            num_tokens (`int`, *optional*, defaults to the longest sequence, usually 256):
+                Tokens per image, 1 to `min(ar_model.config.max_position_embeddings, flextok.config.num_registers)`.
+                Generation stops after `num_tokens`: few tokens give a coarse image (layout, main colours), more
+                tokens add detail; sampling time grows with `num_tokens`.
+            num_images_per_prompt (`int`, defaults to 1):
+                Images per prompt or class label; the images of one condition are adjacent in the output.
+            guidance_scale (`float`, defaults to 4.0):
+                Classifier-free guidance of the token sampler: logits = u + s * (c - u), with u from the model's
+                learned null class / null text. 1.0 disables it (and its extra forward pass).
+            temperature (`float`, defaults to 1.0):
+                Divides the guided logits before sampling; lower is more conservative.
+            top_k (`int`, *optional*):
+                Samples among the k most likely tokens only.
+            top_p (`float`, *optional*):
+                Samples from the smallest set of tokens whose probability reaches top_p (nucleus sampling).
+            decoder_guidance_scale (`float`, defaults to 7.5):
+                Guidance of the FlexTok rectified-flow decoder toward the tokens; 1.0 disables it.
+            decoder_norm_guidance (`bool`, defaults to `True`):
+                Use adaptive projected guidance (APG, arXiv 2410.02416) in the decoder instead of plain
+                classifier-free guidance; it tolerates high guidance scales without oversaturation.
+            num_inference_steps (`int`, defaults to 25):
+                Euler steps of the decoder from noise to image.
+            height (`int`, *optional*, defaults to `flextok.config.image_size`):
+                Image height in pixels, a multiple of `flextok.config.image_multiple`.
+            width (`int`, *optional*, defaults to `flextok.config.image_size`):
+                Image width in pixels, a multiple of `flextok.config.image_multiple`.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Drives both the token sampling and the decoder's initial noise, for reproducible images. A list gives
+                one generator per image (batch size times `num_images_per_prompt`): each image then depends only on
+                its own generator.
+            output_type (`str`, defaults to `"pil"`):
+                `"pil"` (list of `PIL.Image.Image`), `"np"` (`np.ndarray` `[batch, height, width, 3]` in [0, 1]) or
+                `"pt"` (`torch.Tensor` `[batch, 3, height, width]` in [0, 1]).
+            return_dict (`bool`, defaults to `True`):
+                Return a [`FlexTokPipelineOutput`] instead of a tuple.
+            return_tokens (`bool`, defaults to `False`):
+                Also return the sampled token ids `[batch, num_tokens]`.
+
+        Examples:
+
+        Returns:
+            [`FlexTokPipelineOutput`] with `images` (and `tokens` if `return_tokens`), or, if `return_dict` is False,
+            the tuple `(images,)`, or `(images, tokens)` if `return_tokens`.
+        """
+        num_tokens = self.max_num_tokens if num_tokens is None else num_tokens
+
+        # 1. Check inputs
+        self.check_inputs(prompt, class_labels, num_tokens, num_images_per_prompt, generator, output_type)
+        device = self._execution_device
+
+        # 2. Encode the condition
+        if prompt is not None:
+            prompt_embeds, prompt_attention_mask = self.encode_prompt(prompt, num_images_per_prompt, device)
+            condition = {"encoder_hidden_states": prompt_embeds, "encoder_attention_mask": prompt_attention_mask}
+        else:
+            class_labels = [class_labels] if isinstance(class_labels, int) else class_labels
+            class_labels = torch.tensor(class_labels, dtype=torch.long, device=device)
+            condition = {"class_labels": class_labels.repeat_interleave(num_images_per_prompt)}
+
+        # 3. Sample the token sequences, coarse to fine
+        tokens = self.generate_tokens(
+            condition,
+            generator,
+            num_tokens=num_tokens,
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
+
+        # 4. Render the tokens with the rectified-flow decoder
+        self._onload(self.flextok)
+        images = self.flextok.decode(
+            tokens,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=decoder_guidance_scale,
+            norm_guidance=decoder_norm_guidance,
+            generator=generator,
+            height=height,
+            width=width,
+            output_type="pt",
+            scheduler=self.scheduler,
+            progress_bar=self.progress_bar,
+        ).images
+        images = self.image_processor.postprocess(images.float(), output_type=output_type)
+
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (images, tokens) if return_tokens else (images,)
+        return FlexTokPipelineOutput(images=images, tokens=tokens if return_tokens else None)
