@@ -287,7 +287,7 @@ class FlexTokEncoder(nn.Module):
         """Scaled VAE latents `[B, C, H/f, W/f]` -> register latents `[B, num_registers, len(fsq_levels)]`."""
         patches = patchify(latents.to(self.patch_embed.weight.dtype), self.config.patch_size)
         batch, grid_h, grid_w, _ = patches.shape
-        positions = self.position_table[0, :, :grid_h, :grid_w].permute(1, 2, 0)
+        positions = self.position_table[0, :, :grid_h, :grid_w].permute(1, 2, 0).to(self.patch_embed.weight.dtype)
         hidden = (self.patch_embed(patches) + positions).flatten(1, 2)
         hidden = torch.cat([hidden, self.registers.expand(batch, -1, -1)], dim=1)
         num_patches = grid_h * grid_w
@@ -373,7 +373,7 @@ class FlexTokDecoder(nn.Module):
 
         patches = patchify(noisy_latents.to(self.patch_embed.weight.dtype), self.config.patch_size)
         _, grid_h, grid_w, _ = patches.shape
-        positions = self.position_table[0, :, :grid_h, :grid_w].permute(1, 2, 0)
+        positions = self.position_table[0, :, :grid_h, :grid_w].permute(1, 2, 0).to(self.patch_embed.weight.dtype)
         patches = (self.patch_embed(patches) + positions).flatten(1, 2)
         num_patches = grid_h * grid_w
         hidden = torch.cat([patches, registers], dim=1)
@@ -401,33 +401,26 @@ class FlexTokPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        # Only FlexTok's own modules: the VAE keeps diffusers' initialisation (released VAE weights replace it).
+        # Children are initialised before their parents, so the zero-initialised layers are set by the parent.
+        # Modules without parameters of their own are skipped by transformers for custom code: no block-level init.
         std = self.config.initializer_range
-        if isinstance(module, (FlexTokAttention, FlexTokMLP, FlexTokTimestepEmbedder)):
-            for linear in module.children():
-                init.xavier_uniform_(linear.weight)
-                if linear.bias is not None:
-                    init.zeros_(linear.bias)
-        elif isinstance(module, FlexTokAdaLNBlock):
-            # adaLN-zero: every block starts as the identity.
-            init.zeros_(module.adaln_modulation.weight)
-            init.zeros_(module.adaln_modulation.bias)
+        if isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, (FlexTokEncoder, FlexTokDecoder)):
             table = build_2d_sincos_table(module.position_table.shape[1], self.config.max_grid_size)
             init.copy_(module.position_table, table)
-            init.xavier_uniform_(module.patch_embed.weight)
-            init.zeros_(module.patch_embed.bias)
         if isinstance(module, FlexTokEncoder):
             init.trunc_normal_(module.registers, std=std)
             init.zeros_(module.to_latents.weight)
-            init.zeros_(module.to_latents.bias)
         elif isinstance(module, FlexTokDecoder):
             for token in (module.register_position_embeddings, module.mask_token, module.null_condition):
                 init.trunc_normal_(token, std=std)
-            init.xavier_uniform_(module.register_embed.weight)
-            for linear in (module.register_embed, module.output_adaln_modulation, module.output_proj):
+            # adaLN-zero: every block starts as the identity and the output head predicts zero velocity.
+            for linear in [block.adaln_modulation for block in module.blocks] + [module.output_adaln_modulation]:
+                init.zeros_(linear.weight)
                 init.zeros_(linear.bias)
-            init.zeros_(module.output_adaln_modulation.weight)
             init.zeros_(module.output_proj.weight)
 
 

@@ -1,0 +1,392 @@
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from reference_format import reference_config_nodes, reference_state_dict, write_hub_format, write_metadata_format
+from safetensors import safe_open
+from tiny_models import random_flextok_model, random_images, tiny_flextok_config
+from transformers import AutoConfig, AutoModel
+
+from flextok_hf import FlexTokConfig, FlexTokModel
+from flextok_hf.convert_flextok_checkpoint import main as convert_main
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_flextok_model()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return random_images(3)
+
+
+def decoder_inputs(model, batch=3, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    latent = config.image_size // config.vae_downsample_factor
+    noisy = torch.randn(batch, config.latent_channels, latent, latent, generator=generator)
+    timesteps = torch.rand(batch, generator=generator)
+    ids = torch.randint(config.codebook_size, (batch, config.num_registers), generator=generator)
+    return noisy, timesteps, model.quantizer.indices_to_codes(ids)
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+def test_config_round_trip_and_auto_classes(tmp_path):
+    config = tiny_flextok_config(decoder_register_steps=["nested_dropout", "position_embedding", "null_condition"])
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, FlexTokConfig)
+    assert loaded.to_diff_dict() == config.to_diff_dict()
+    assert isinstance(AutoModel.from_config(loaded), FlexTokModel)
+    assert config.codebook_size == 8 * 5 * 5 * 5 and config.image_multiple == 4
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"encoder_attention_mask": "sliding"},
+        {"decoder_register_steps": ["position_embedding", "nested_dropout"]},
+        {"nested_dropout_mode": "random"},
+        {"encoder_hidden_size": 70},
+        {"image_size": 18},
+    ],
+)
+def test_config_rejects_inconsistent_architecture(overrides):
+    with pytest.raises(ValueError):
+        tiny_flextok_config(**overrides)
+
+
+def test_fresh_model_follows_adaln_zero_init():
+    model = FlexTokModel(tiny_flextok_config())
+    noisy, timesteps, codes = decoder_inputs(model)
+    with torch.no_grad():
+        velocity = model.decoder(noisy, timesteps, codes)
+    assert torch.count_nonzero(velocity) == 0  # zero-initialised output head
+    assert all(torch.count_nonzero(b.adaln_modulation.weight) == 0 for b in model.decoder.blocks)
+    assert torch.count_nonzero(model.encoder.registers) > 0
+
+
+# ----------------------------------------------------------------------------------------------- tokenize
+
+
+def test_encode_returns_token_ids(model, images):
+    ids = model.encode(images)
+    assert ids.dtype == torch.long and ids.shape == (3, model.config.num_registers)
+    assert 0 <= ids.min() and ids.max() < model.config.codebook_size
+    assert len(set(map(tuple, ids.tolist()))) > 1  # different images, different tokens
+    out = model.encode(images, return_dict=True)
+    assert torch.equal(out.token_ids, ids)
+    assert torch.equal(model.quantizer.indices_to_codes(ids), out.codes)
+
+
+def test_registers_are_causal(model, images):
+    """Register i depends on registers 0..i only: perturbing register j changes no token before j."""
+    with torch.no_grad():
+        latents = model.encode_latents(images)
+        reference = model.encoder(latents)
+        original = model.encoder.registers.clone()
+        model.encoder.registers[5] += 1.0
+        perturbed = model.encoder(latents)
+        model.encoder.registers.copy_(original)
+    assert torch.equal(reference[:, :5], perturbed[:, :5])
+    assert not torch.allclose(reference[:, 5:], perturbed[:, 5:])
+
+
+def test_fsq_round_trip_and_straight_through():
+    model = FlexTokModel(tiny_flextok_config())
+    quantizer = model.quantizer
+    ids = torch.arange(quantizer.codebook_size)
+    codes = quantizer.indices_to_codes(ids)
+    assert codes.min() >= -1 and codes.max() <= 1
+    # Codes are fixed points of quantisation up to the tanh bound: re-quantising the ids' codes gives the ids.
+    latents = torch.atanh(codes.clamp(-0.999, 0.999) * 0.5)
+    requantised, requantised_ids = quantizer(latents)
+    assert requantised.shape == codes.shape and requantised_ids.shape == ids.shape
+    z = torch.randn(4, 4, requires_grad=True)
+    quantizer(z)[0].sum().backward()
+    assert z.grad is not None and torch.count_nonzero(z.grad) > 0
+
+
+# --------------------------------------------------------------------------------------------- detokenize
+
+
+def test_decode_variable_lengths_in_one_batched_call_per_step(model, images):
+    ids = model.encode(images)
+    prefixes = [ids[0, :8], ids[1, :3], ids[2, :1]]
+    calls = []
+    hook = model.decoder.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        batched = model.decode(prefixes, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert calls == [6, 6, 6]  # cond and uncond of three images, one call per step
+    generator = torch.Generator().manual_seed(0)
+    noise = model.prepare_latents(3, 16, 16, generator)
+    for i, prefix in enumerate(prefixes):
+        single = model.decode([prefix], num_inference_steps=3, latents=noise[i : i + 1])
+        torch.testing.assert_close(single.images, batched.images[i : i + 1], rtol=1e-4, atol=1e-5)
+
+
+def test_decode_depends_on_the_prefix_only(model, images):
+    ids = model.encode(images)
+    changed = ids.clone()
+    changed[:, 4:] = (changed[:, 4:] + 1) % model.config.codebook_size
+    kwargs = dict(num_inference_steps=2, output_type="latent")
+    first = model.decode(ids[:, :4], generator=torch.Generator().manual_seed(3), **kwargs)
+    second = model.decode(changed[:, :4], generator=torch.Generator().manual_seed(3), **kwargs)
+    longer = model.decode(changed[:, :5], generator=torch.Generator().manual_seed(3), **kwargs)
+    assert torch.equal(first.images, second.images)
+    assert not torch.allclose(first.images, longer.images)
+
+
+@pytest.mark.parametrize("guidance_scale, norm_guidance", [(1.0, False), (3.0, False), (7.5, True)])
+def test_decode_is_reproducible_with_a_generator(model, images, guidance_scale, norm_guidance):
+    ids = model.encode(images[:2])
+    kwargs = dict(num_inference_steps=2, guidance_scale=guidance_scale, norm_guidance=norm_guidance)
+    first = model.decode(ids, generator=torch.Generator().manual_seed(7), **kwargs).images
+    again = model.decode(ids, generator=torch.Generator().manual_seed(7), **kwargs).images
+    other = model.decode(ids, generator=torch.Generator().manual_seed(8), **kwargs).images
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
+def test_guidance_changes_the_result(model, images):
+    ids = model.encode(images[:1])[:, :2]
+    results = [
+        model.decode(ids, num_inference_steps=2, guidance_scale=s, norm_guidance=apg, generator=torch.Generator().manual_seed(0)).latents
+        for s, apg in [(1.0, False), (3.0, False), (3.0, True)]
+    ]
+    assert not torch.allclose(results[0], results[1]) and not torch.allclose(results[1], results[2])
+
+
+def test_decode_output_types(model, images):
+    ids = model.encode(images[:2])
+    decode = lambda kind: model.decode(ids, num_inference_steps=1, output_type=kind, generator=torch.Generator().manual_seed(0)).images
+    pt, np_images, pil = decode("pt"), decode("np"), decode("pil")
+    assert pt.shape == (2, 3, 16, 16) and pt.dtype == torch.float32
+    assert isinstance(np_images, np.ndarray) and np_images.shape == (2, 16, 16, 3)
+    assert 0 <= np_images.min() and np_images.max() <= 1
+    np.testing.assert_allclose(np_images, ((pt.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    assert len(pil) == 2 and isinstance(pil[0], PIL.Image.Image) and pil[0].size == (16, 16)
+    assert decode("latent").shape == (2, 4, 8, 8)
+    assert isinstance(model.decode(ids, num_inference_steps=1, return_dict=False), tuple)
+
+
+def test_decode_smaller_images_than_the_default(model, images):
+    ids = model.encode(images[:1, :, :8, :8])
+    out = model.decode(ids, num_inference_steps=1, height=8, width=12)
+    assert out.images.shape == (1, 3, 8, 12)
+
+
+def test_reconstruct(model, images):
+    out = model.reconstruct(images, num_tokens=[8, 2, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == images.shape
+    with pytest.raises(ValueError, match="num_tokens"):
+        model.reconstruct(images, num_tokens=[1, 2])
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def test_training_loss_and_nested_dropout(images):
+    model = random_flextok_model(seed=1).train()
+    out = model(images)
+    assert out.loss.ndim == 0 and out.loss > 0
+    assert set(out.keep_k.tolist()) <= {1, 2, 4, 8}  # pow2 nested dropout
+    out.loss.backward()
+    assert model.encoder.registers.grad is not None  # gradients reach the encoder through FSQ
+    assert all(p.grad is None for p in model.vae.parameters())  # the VAE is frozen
+    fixed = dict(sigmas=torch.full((3,), 0.5), noise=torch.zeros(3, 4, 8, 8), keep_k=torch.tensor([8, 8, 8]))
+    target = model(images, **fixed).target_velocity
+    latents = model.encode_latents(images)
+    torch.testing.assert_close(target, -latents)
+
+
+def test_training_reduces_the_loss(images):
+    model = random_flextok_model(seed=2).train()
+    for parameter in model.parameters():
+        parameter.data.mul_(0.3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    fixed = dict(noise=torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), sigmas=torch.full((3,), 0.6))
+    losses = []
+    for _ in range(30):
+        loss = model(images, keep_k=torch.tensor([8, 8, 8]), null_condition_mask=torch.zeros(3, dtype=torch.bool), **fixed).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("mode, allowed", [("uniform", set(range(1, 9))), ("uniform_pow2", {1, 2, 4, 8})])
+def test_nested_dropout_modes(mode, allowed):
+    model = FlexTokModel(tiny_flextok_config(nested_dropout_mode=mode))
+    keep_k = model.sample_keep_k(500, "cpu")
+    assert set(keep_k.tolist()) <= allowed and len(set(keep_k.tolist())) > 2
+
+
+# -------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_save_and_load_round_trip(model, images, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("*.bin"))
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, FlexTokModel)
+    assert torch.equal(loaded.encode(images), model.encode(images))
+    noisy, timesteps, codes = decoder_inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decoder(noisy, timesteps, codes), model.decoder(noisy, timesteps, codes), rtol=0, atol=0)
+
+
+def test_load_in_bfloat16(model, images, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = FlexTokModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert loaded.decoder.patch_embed.weight.dtype == torch.bfloat16
+    ids = loaded.encode(images)
+    out = loaded.decode(ids[:, :4], num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.images.float()).all()
+
+
+# ------------------------------------------------------------------------------- the reference's formats
+
+
+@pytest.mark.parametrize("per_subsequence", [True, False])
+@pytest.mark.parametrize("layout", ["hub", "metadata"])
+def test_load_reference_formats(tmp_path, images, layout, per_subsequence):
+    original = random_flextok_model(
+        seed=3,
+        decoder_adaln_per_subsequence=per_subsequence,
+        decoder_register_steps=["nested_dropout", "position_embedding", "null_condition"],
+    )
+    if layout == "hub":
+        write_hub_format(original, tmp_path / "ckpt")
+        source, vae_config = tmp_path / "ckpt", None  # vae_config.json found beside the checkpoint
+    else:
+        write_metadata_format(original, tmp_path / "single" / "model.safetensors")
+        source, vae_config = tmp_path / "single" / "model.safetensors", original.config.vae_config
+    loaded = FlexTokModel.from_pretrained(source, vae_config=vae_config)
+    assert loaded.config.decoder_register_steps == original.config.decoder_register_steps
+    assert loaded.config.decoder_adaln_per_subsequence == per_subsequence
+    assert torch.equal(loaded.encode(images), original.encode(images))
+    noisy, timesteps, codes = decoder_inputs(original)
+    keep_k, null = torch.tensor([8, 3, 1]), torch.tensor([False, True, False])
+    with torch.no_grad():
+        expected = original.decoder(noisy, timesteps, codes, keep_k, null)
+        torch.testing.assert_close(loaded.decoder(noisy, timesteps, codes, keep_k, null), expected, rtol=0, atol=0)
+
+
+def test_convert_command_writes_our_format(tmp_path, images):
+    original = random_flextok_model(seed=4)
+    write_hub_format(original, tmp_path / "reference")
+    convert_main([str(tmp_path / "reference"), str(tmp_path / "converted")])
+    with open(tmp_path / "converted" / "config.json") as f:
+        assert json.load(f)["model_type"] == "flextok"
+    with safe_open(str(tmp_path / "converted" / "model.safetensors"), "pt") as f:
+        assert "decoder.output_proj.weight" in set(f.keys())
+    converted = FlexTokModel.from_pretrained(tmp_path / "converted")
+    assert torch.equal(converted.encode(images), original.encode(images))
+    convert_main([str(tmp_path / "reference"), str(tmp_path / "converted")])  # overwriting keeps a valid checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "reference"]
+
+
+def test_reference_loader_refuses_unknown_targets(tmp_path):
+    original = random_flextok_model()
+    nodes = reference_config_nodes(original.config)
+    nodes["decoder"]["module_dict"]["dec_time_embedder"]["_target_"] = "os.system"
+    write_hub_format(original, tmp_path, nodes=nodes)
+    with pytest.raises(ValueError, match="os.system"):
+        FlexTokModel.from_pretrained(tmp_path)
+
+
+def test_reference_loader_reports_training_only_modules(tmp_path, images):
+    original = random_flextok_model()
+    nodes = reference_config_nodes(original.config)
+    nodes["decoder"]["module_dict"]["dec_repa_proj"] = {
+        "_target_": "flextok.model.postprocessors.heads.MLPHead", "read_key": "dec_repa", "write_key": "repa",
+        "dim": 64, "dim_out": 32, "num_layers": 2, "use_mup_readout": False,
+    }
+    state = reference_state_dict(original)
+    state["decoder.module_dict.dec_repa_proj.out_proj.weight"] = torch.zeros(32, 256)
+    write_hub_format(original, tmp_path, nodes=nodes, state=state)
+    loaded = FlexTokModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded.encode(images), original.encode(images))
+
+
+def test_reference_loader_rejects_mismatched_checkpoints(tmp_path):
+    original = random_flextok_model()
+    state = reference_state_dict(original)
+    del state["decoder.module_dict.dec_latent_dropout.nullcond"]
+    write_hub_format(original, tmp_path / "missing", state=state)
+    with pytest.raises(ValueError, match="missing"):
+        FlexTokModel.from_pretrained(tmp_path / "missing")
+
+    nodes = reference_config_nodes(original.config)
+    nodes["encoder"]["module_dict"]["enc_transformer"]["dim"] = 128
+    write_hub_format(original, tmp_path / "shape", nodes=nodes)
+    with pytest.raises(ValueError, match="shape"):
+        FlexTokModel.from_pretrained(tmp_path / "shape")
+
+    write_hub_format(original, tmp_path / "vae")
+    with pytest.raises(ValueError, match="latent channels"):
+        FlexTokModel.from_pretrained(tmp_path / "vae", vae_config=dict(original.config.vae_config, latent_channels=16))
+
+    (tmp_path / "corrupt").mkdir()
+    write_hub_format(original, tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="Could not read"):
+        FlexTokModel.from_pretrained(tmp_path / "corrupt")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "bad_images, message",
+    [
+        (torch.zeros(1, 3, 18, 16), "multiples of 4"),
+        (torch.zeros(1, 3, 32, 32), "at most 16"),
+        (torch.zeros(1, 4, 16, 16), r"\[B, 3, H, W\]"),
+        (torch.zeros(3, 16, 16), r"\[B, 3, H, W\]"),
+        (torch.full((1, 3, 16, 16), 255.0), r"\[-1, 1\]"),
+        (torch.zeros(1, 3, 16, 16, dtype=torch.uint8), "floating-point"),
+    ],
+)
+def test_bad_images_raise(model, bad_images, message):
+    with pytest.raises(ValueError, match=message):
+        model.encode(bad_images)
+
+
+@pytest.mark.parametrize(
+    "bad_ids, message",
+    [
+        (torch.full((1, 4), 1000), "vocabulary"),
+        (torch.full((1, 4), -1), "vocabulary"),
+        (torch.zeros(1, 9, dtype=torch.long), "1 to 8"),
+        ([torch.zeros(2, dtype=torch.long), torch.zeros(0, dtype=torch.long)], "1 to 8"),
+        (torch.zeros(1, 4), "integer"),
+        (torch.zeros(4, dtype=torch.long), r"\[B, k\]"),
+        ([], r"\[B, k\]"),
+    ],
+)
+def test_bad_token_ids_raise(model, bad_ids, message):
+    with pytest.raises(ValueError, match=message):
+        model.decode(bad_ids, num_inference_steps=1)
+
+
+def test_bad_decode_arguments_raise(model):
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="output_type"):
+        model.decode(ids, num_inference_steps=1, output_type="jpeg")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        model.decode(ids, num_inference_steps=0)
+    with pytest.raises(ValueError, match="multiples"):
+        model.decode(ids, num_inference_steps=1, height=10)
+    with pytest.raises(ValueError, match="generators"):
+        model.decode(ids, num_inference_steps=1, generator=[torch.Generator(), torch.Generator()])
