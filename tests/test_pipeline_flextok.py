@@ -261,12 +261,15 @@ def test_plain_diffusion_pipeline_loading_needs_the_pipeline_code(saved_class_pi
         DiffusionPipeline.from_pretrained(saved_class_pipe)
 
 
-def test_mixed_dtypes(saved_class_pipe, flextok):
-    # The tokenizer's decoder runs in float32 here; see docs/pipeline.md about a bfloat16 decoder.
-    pipe = quiet(FlexTokPipeline.from_pretrained(saved_class_pipe, dtype={"ar_model": torch.bfloat16, "default": torch.float32}))
-    assert pipe.ar_model.dtype == torch.bfloat16 and pipe.flextok.dtype == torch.float32
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, {"ar_model": torch.bfloat16, "default": torch.float32}], ids=["bfloat16", "per-component"]
+)
+def test_dtype(saved_class_pipe, flextok, dtype):
+    pipe = quiet(FlexTokPipeline.from_pretrained(saved_class_pipe, dtype=dtype))
+    assert pipe.ar_model.dtype == torch.bfloat16
+    assert pipe.flextok.dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     output = class_outputs(pipe)
-    assert output.images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert output.images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(output.images).all()
     assert output.tokens.max() < flextok.config.codebook_size
 
 
