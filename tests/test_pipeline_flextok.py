@@ -26,6 +26,8 @@ MAX_TOKENS = 8  # the tiny tokenizer's num_registers
 IMAGE_SIZE = 16  # the tiny tokenizer's image_size
 FAST = dict(num_inference_steps=2)
 PROMPTS = ["a red bird on a branch", "a snowy mountain at dawn, seen from a small wooden boat"]
+NEGATIVE_PROMPTS = ["blurry", "a dark, grainy photograph covered in watermarks, captions and compression artifacts"]
+GREEDY = dict(top_k=1)  # sampling from the single most likely token: the tokens depend on the logits alone
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -213,6 +215,86 @@ def test_text_seeds(text_pipe):
     assert not torch.equal(first.images, other.images)
 
 
+def text_outputs(pipe, seed=0, **kwargs):
+    kwargs = dict(prompt=PROMPTS, num_tokens=4, generator=seeded(seed), output_type="pt", **FAST) | kwargs
+    return pipe(return_tokens=True, **kwargs)
+
+
+def encode(pipe, texts):
+    text_inputs = pipe.tokenizer(texts, padding=True, return_tensors="pt")
+    return pipe.text_encoder(**text_inputs).last_hidden_state, text_inputs.attention_mask
+
+
+def test_negative_prompt_changes_the_tokens(text_pipe):
+    null_text = text_outputs(text_pipe, **GREEDY).tokens
+    negative = text_outputs(text_pipe, negative_prompt=NEGATIVE_PROMPTS, **GREEDY).tokens
+    assert not torch.equal(negative, null_text)
+
+
+def test_negative_prompt_equal_to_the_prompt_gives_the_conditional_tokens(text_pipe):
+    # u + s * (c - u) = c when u = c: same tokens (and, from the same generator, images) as without guidance.
+    unguided = text_outputs(text_pipe, guidance_scale=1.0)
+    against_itself = text_outputs(text_pipe, guidance_scale=6.0, negative_prompt=PROMPTS)
+    assert_same_outputs(against_itself, unguided)
+    assert not torch.equal(text_outputs(text_pipe, guidance_scale=6.0).tokens, unguided.tokens)
+
+
+def test_negative_prompt_tokens_are_those_of_the_ar_model(text_pipe):
+    output = text_outputs(text_pipe, seed=5, negative_prompt=NEGATIVE_PROMPTS, num_images_per_prompt=2)
+    prompt_embeds, prompt_mask = encode(text_pipe, PROMPTS)
+    negative_embeds, negative_mask = encode(text_pipe, NEGATIVE_PROMPTS)
+    direct = text_pipe.ar_model.generate_tokens(
+        encoder_hidden_states=prompt_embeds.repeat_interleave(2, dim=0),
+        encoder_attention_mask=prompt_mask.repeat_interleave(2, dim=0),
+        negative_encoder_hidden_states=negative_embeds.repeat_interleave(2, dim=0),
+        negative_encoder_attention_mask=negative_mask.repeat_interleave(2, dim=0),
+        num_tokens=4,
+        guidance_scale=4.0,
+        generator=seeded(5),
+    )
+    assert torch.equal(output.tokens, direct)
+
+
+def test_empty_negative_prompt_is_a_real_text(text_pipe):
+    *_, negative_embeds, negative_mask = text_pipe.encode_prompt(PROMPTS, negative_prompt="")
+    assert negative_embeds.shape == (2, 2, 384) and negative_mask.tolist() == [[1, 1], [1, 1]]  # [CLS] [SEP]
+    assert text_pipe.encode_prompt(PROMPTS)[2:] == (None, None)
+
+    empty = text_outputs(text_pipe, negative_prompt="", **GREEDY).tokens
+    assert torch.equal(empty, text_outputs(text_pipe, negative_prompt=["", ""], **GREEDY).tokens)
+    assert not torch.equal(empty, text_outputs(text_pipe, **GREEDY).tokens)  # None: the learned null text
+    prompt_embeds, prompt_mask = encode(text_pipe, PROMPTS)
+    direct = text_pipe.ar_model.generate_tokens(
+        encoder_hidden_states=prompt_embeds,
+        encoder_attention_mask=prompt_mask,
+        negative_encoder_hidden_states=negative_embeds,
+        negative_encoder_attention_mask=negative_mask,
+        num_tokens=4,
+        guidance_scale=4.0,
+        do_sample=False,
+    )
+    assert torch.equal(empty, direct)
+
+
+def test_negative_prompt_is_ignored_without_guidance(text_pipe):
+    plain = text_outputs(text_pipe, guidance_scale=1.0)
+    assert_same_outputs(text_outputs(text_pipe, guidance_scale=1.0, negative_prompt=NEGATIVE_PROMPTS), plain)
+
+
+def test_one_generator_per_image_text(text_pipe):
+    batch = text_outputs(
+        text_pipe,
+        negative_prompt=NEGATIVE_PROMPTS,
+        num_images_per_prompt=2,
+        generator=[seeded(seed) for seed in range(4)],
+    )
+    for index, (prompt_index, seed) in enumerate([(0, 0), (0, 1), (1, 2), (1, 3)]):
+        prompt, negative_prompt = PROMPTS[prompt_index], NEGATIVE_PROMPTS[prompt_index]
+        single = text_outputs(text_pipe, prompt=prompt, negative_prompt=negative_prompt, generator=seeded(seed))
+        assert torch.equal(batch.tokens[index : index + 1], single.tokens)
+        torch.testing.assert_close(batch.images[index : index + 1], single.images)
+
+
 def test_text_pipeline_save_and_load(text_pipe, tmp_path):
     text_pipe.save_pretrained(tmp_path)
     model_index = json.loads((tmp_path / "model_index.json").read_text())
@@ -308,6 +390,7 @@ def test_push_to_hub_is_inherited():
         (dict(class_labels=[1, 2], generator=[seeded(0)]), "one generator per image"),
         (dict(class_labels=[1, 2], num_images_per_prompt=2, generator=[seeded(0)] * 2), "one generator per image"),
         (dict(class_labels=1, output_type="latent"), "output_type"),
+        (dict(class_labels=1, negative_prompt="blurry"), "no `negative_prompt` with `class_labels`"),
     ],
 )
 def test_class_pipeline_rejects_bad_inputs(class_pipe, arguments, message):
@@ -324,6 +407,15 @@ def test_class_pipeline_rejects_bad_inputs(class_pipe, arguments, message):
         (dict(prompt="a bird", num_tokens=MAX_TOKENS + 1), "num_tokens"),
         (dict(prompt=PROMPTS, generator=[seeded(0)] * 3), "one generator per image"),
         (dict(prompt="a bird", output_type="tensor"), "output_type"),
+        (dict(class_labels=[207], negative_prompt="blurry"), "text-conditional"),
+        (dict(prompt=PROMPTS, negative_prompt=["blurry"] * 3), "list of 3 but `prompt` holds 2"),
+        (dict(prompt=PROMPTS, negative_prompt=[]), "list of 0 but `prompt` holds 2"),
+        (dict(prompt="a bird", negative_prompt=["blurry", "dark"]), "list of 2 but `prompt` holds 1"),
+        (dict(prompt="a bird", negative_prompt=3), "`negative_prompt` must be a string or a list of strings"),
+        (dict(prompt=PROMPTS, negative_prompt=["blurry", None]), "`negative_prompt` must be a string or a list"),
+        (dict(prompt=PROMPTS, negative_prompt=("blurry", "dark")), "`negative_prompt` must be a string or a list"),
+        # Checked even where guidance is off and the negative prompt would be ignored.
+        (dict(prompt=PROMPTS, negative_prompt=["blurry"], guidance_scale=1.0), "list of 1 but `prompt` holds 2"),
     ],
 )
 def test_text_pipeline_rejects_bad_inputs(text_pipe, arguments, message):

@@ -188,6 +188,32 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                 f"{name} must lie in {allowed}, got values from {token_ids.min().item()} to {token_ids.max().item()}."
             )
 
+    def _check_text_states(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, prefix: str, empty_hint: str
+    ) -> int:
+        """Validates text encoder states named `{prefix}hidden_states` and their mask; returns the batch size."""
+        if hidden_states.dim() != 3 or hidden_states.shape[1] == 0:
+            raise ValueError(
+                f"{prefix}hidden_states must have shape [batch, text_length >= 1, text_hidden_size], got "
+                f"{tuple(hidden_states.shape)}."
+            )
+        if hidden_states.shape[-1] != self.config.text_hidden_size:
+            raise ValueError(
+                f"{prefix}hidden_states must have hidden size config.text_hidden_size={self.config.text_hidden_size}, "
+                f"got {hidden_states.shape[-1]}."
+            )
+        if attention_mask is not None:
+            if attention_mask.shape != hidden_states.shape[:2]:
+                raise ValueError(
+                    f"{prefix}attention_mask must have shape {tuple(hidden_states.shape[:2])} [batch, text_length], "
+                    f"got {tuple(attention_mask.shape)}."
+                )
+            if not bool(attention_mask.bool().any(dim=1).all()):
+                raise ValueError(
+                    f"Every sample needs at least one unmasked text token in {prefix}attention_mask; {empty_hint}."
+                )
+        return hidden_states.shape[0]
+
     def _check_condition(
         self,
         class_labels: torch.LongTensor | None,
@@ -204,28 +230,12 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                     "This model is text-conditional (config.text_hidden_size is set): pass encoder_hidden_states "
                     "[batch, text_length, text_hidden_size] and their encoder_attention_mask."
                 )
-            if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[1] == 0:
-                raise ValueError(
-                    "encoder_hidden_states must have shape [batch, text_length >= 1, text_hidden_size], got "
-                    f"{tuple(encoder_hidden_states.shape)}."
-                )
-            if encoder_hidden_states.shape[-1] != self.config.text_hidden_size:
-                raise ValueError(
-                    "encoder_hidden_states must have hidden size "
-                    f"config.text_hidden_size={self.config.text_hidden_size}, got {encoder_hidden_states.shape[-1]}."
-                )
-            batch_size = encoder_hidden_states.shape[0]
-            if encoder_attention_mask is not None:
-                if encoder_attention_mask.shape != encoder_hidden_states.shape[:2]:
-                    raise ValueError(
-                        f"encoder_attention_mask must have shape {tuple(encoder_hidden_states.shape[:2])} [batch, "
-                        f"text_length], got {tuple(encoder_attention_mask.shape)}."
-                    )
-                if not bool(encoder_attention_mask.bool().any(dim=1).all()):
-                    raise ValueError(
-                        "Every sample needs at least one unmasked text token in encoder_attention_mask; use "
-                        "drop_condition for the unconditional (null text) branch."
-                    )
+            batch_size = self._check_text_states(
+                encoder_hidden_states,
+                encoder_attention_mask,
+                "encoder_",
+                "use drop_condition for the unconditional (null text) branch",
+            )
         else:
             if class_labels is None:
                 raise ValueError(
@@ -403,6 +413,29 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(logits.device), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
+    def _join_text_batches(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        other_hidden_states: torch.Tensor,
+        other_attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.BoolTensor]:
+        """
+        Concatenates two batches of text states of possibly different lengths along the batch, padding the shorter
+        one at its end with masked slots: text slots carry no position embedding and padded keys are masked out, so
+        the padding does not change what the other slots compute.
+        """
+        other_hidden_states = other_hidden_states.to(device=hidden_states.device, dtype=hidden_states.dtype)
+        text_length = max(hidden_states.shape[1], other_hidden_states.shape[1])
+        padded_states, padded_masks = [], []
+        for states, mask in ((hidden_states, attention_mask), (other_hidden_states, other_attention_mask)):
+            if mask is None:
+                mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+            padding = text_length - states.shape[1]
+            padded_states.append(F.pad(states, (0, 0, 0, padding)))
+            padded_masks.append(F.pad(mask.to(device=states.device, dtype=torch.bool), (0, padding), value=False))
+        return torch.cat(padded_states), torch.cat(padded_masks)
+
     @torch.no_grad()
     def generate_tokens(
         self,
@@ -415,7 +448,9 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        negative_encoder_hidden_states: torch.Tensor | None = None,
+        negative_encoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.LongTensor:
         r"""
         Generates FlexTok image tokens, coarse to fine, with a KV cache and classifier-free guidance.
@@ -430,17 +465,30 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
             num_tokens (`int`, *optional*, defaults to `config.max_position_embeddings`):
                 Tokens per image, 1 to `max_position_embeddings`; fewer tokens give a coarser image.
             guidance_scale (`float`, *optional*, defaults to 1.0):
-                Classifier-free guidance scale s: logits = u + s * (c - u). At 1.0 the unconditional pass is skipped.
+                Classifier-free guidance scale s: logits = u + s * (c - u), where u comes from the learned null class
+                / null text, or from the negative prompt. At 1.0 the unconditional pass is skipped.
             do_sample (`bool`, *optional*, defaults to `True`):
-                Sample from the processed distribution; `False` takes the argmax (temperature, top-k, top-p unused).
+                Sample from the processed distribution; `False` takes the argmax (temperature, top-k, top-p and
+                generator unused).
             temperature (`float`, *optional*, defaults to 1.0):
                 Divides the guided logits; must be > 0.
             top_k (`int`, *optional*):
                 Keep only the k most likely tokens.
             top_p (`float`, *optional*):
                 Keep the smallest set of tokens whose probability reaches top_p, in (0, 1].
-            generator (`torch.Generator`, *optional*):
-                Random generator for sampling, for reproducible results.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Random generator for sampling, for reproducible results. A list holds one generator per batch row:
+                row i is then sampled from `generator[i]` alone and equals a batch of one with that generator. Each
+                step draws one uniform number per row from the generator, on the generator's device, so a CPU
+                generator also drives a model on an accelerator.
+            negative_encoder_hidden_states (`torch.Tensor` of shape `[batch, length, text_hidden_size]`, *optional*):
+                Text encoder hidden states of a negative prompt; text-conditional models only. With guidance, the
+                unconditional half uses them instead of the learned null text, steering the tokens away from them.
+                The batch and hidden size must match `encoder_hidden_states`; the length may differ (the shorter
+                text is padded and masked). Ignored when `guidance_scale` is 1.0, as diffusers pipelines ignore
+                `negative_prompt` without guidance.
+            negative_encoder_attention_mask (`torch.Tensor` of shape `[batch, length]`, *optional*):
+                1 for negative text tokens to attend, 0 for padding; only with `negative_encoder_hidden_states`.
 
         Returns:
             `torch.LongTensor` of shape `[batch, num_tokens]`.
@@ -457,19 +505,51 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         if do_sample and top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}.")
         batch_size = self._check_condition(class_labels, encoder_hidden_states, encoder_attention_mask, None)
+        if negative_encoder_attention_mask is not None and negative_encoder_hidden_states is None:
+            raise ValueError("negative_encoder_attention_mask needs negative_encoder_hidden_states.")
+        if negative_encoder_hidden_states is not None:
+            if not self.config.is_text_conditional:
+                raise ValueError(
+                    "negative_encoder_hidden_states are only for text-conditional models; a class-conditional model "
+                    "guides with its null class."
+                )
+            negative_batch_size = self._check_text_states(
+                negative_encoder_hidden_states,
+                negative_encoder_attention_mask,
+                "negative_encoder_",
+                "pass no negative_encoder_hidden_states to guide with the learned null text",
+            )
+            if negative_batch_size != batch_size:
+                raise ValueError(
+                    f"negative_encoder_hidden_states has batch size {negative_batch_size} but encoder_hidden_states "
+                    f"has {batch_size}: pass one negative text per sample."
+                )
+        if isinstance(generator, list):
+            if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError(
+                    f"A list of generators needs one torch.Generator per sample: expected {batch_size}, got "
+                    f"{len(generator)} entries."
+                )
 
         use_guidance = guidance_scale != 1.0
+        drop_condition = None
         if use_guidance:
             # Conditional and unconditional halves share one batch of 2 * batch_size.
             if class_labels is not None:
                 class_labels = class_labels.repeat(2)
+            elif negative_encoder_hidden_states is not None:
+                encoder_hidden_states, encoder_attention_mask = self._join_text_batches(
+                    encoder_hidden_states,
+                    encoder_attention_mask,
+                    negative_encoder_hidden_states,
+                    negative_encoder_attention_mask,
+                )
             else:
                 encoder_hidden_states = encoder_hidden_states.repeat(2, 1, 1)
                 if encoder_attention_mask is not None:
                     encoder_attention_mask = encoder_attention_mask.repeat(2, 1)
-            drop_condition = torch.arange(2 * batch_size, device=self.device) >= batch_size
-        else:
-            drop_condition = None
+            if negative_encoder_hidden_states is None:
+                drop_condition = torch.arange(2 * batch_size, device=self.device) >= batch_size
 
         logits_warpers = LogitsProcessorList()
         if do_sample:
@@ -499,11 +579,41 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                 logits = unconditional_logits + guidance_scale * (conditional_logits - unconditional_logits)
             if do_sample:
                 probs = F.softmax(logits_warpers(tokens, logits), dim=-1)
-                next_tokens = torch.multinomial(probs, num_samples=1, generator=generator)
+                next_tokens = sample_from_probs(probs, draw_uniforms(batch_size, generator, probs.device))
             else:
                 next_tokens = logits.argmax(dim=-1, keepdim=True)
             tokens = torch.cat([tokens, next_tokens], dim=1)
         return tokens
+
+
+def draw_uniforms(
+    batch_size: int, generator: torch.Generator | list[torch.Generator] | None, device: torch.device
+) -> torch.Tensor:
+    """
+    Draws one float64 number in [0, 1) per batch row: all from `generator`, or row i from `generator[i]` when it is a
+    list, so that a row depends only on its own generator. Draws happen on the generator's device, then move to
+    `device` (as diffusers' `randn_tensor` does), so a CPU generator drives a model on an accelerator.
+    """
+    if generator is None:
+        return torch.rand(batch_size, dtype=torch.float64, device=device)
+    if isinstance(generator, torch.Generator):
+        return torch.rand(batch_size, generator=generator, dtype=torch.float64, device=generator.device).to(device)
+    draws = [torch.rand(1, generator=g, dtype=torch.float64, device=g.device).to(device) for g in generator]
+    return torch.cat(draws)
+
+
+def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.LongTensor:
+    """
+    Inverse-CDF sampling, batched: row i of `probs` `[batch, vocab_size]` (non-negative, not necessarily normalised)
+    yields the token whose cumulative-probability interval holds `uniforms[i]` times the row's total; tokens of
+    probability 0 are never drawn. Returns `[batch, 1]`.
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    targets = uniforms[:, None].to(cdf) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, targets, right=True)
+    # Rounding can put the target on the row's total, past the last token: take the last allowed token instead.
+    last_allowed = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
+    return torch.minimum(tokens, last_allowed)
 
 
 AutoModel.register(FlexTokARConfig, FlexTokARModel)
