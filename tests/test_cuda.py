@@ -1,0 +1,89 @@
+"""CUDA and bfloat16 paths; skipped on machines without a GPU (CI has none)."""
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from tiny_models import random_flextok_model, random_images
+
+from flextok_hf import FlexTokARConfig, FlexTokARModel, FlexTokPipeline
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def no_tf32():
+    """cuDNN convolutions (the VAE's) default to TF32, which alone moves float32 results by ~1e-4."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
+
+
+def relative_error(ours, reference):
+    return ((ours.double().cpu() - reference.double().cpu()).norm() / reference.double().cpu().norm()).item()
+
+
+def test_cuda_float32_matches_cpu(no_tf32):
+    model = random_flextok_model()
+    images = random_images(4)
+    cpu_ids = model.encode(images)
+    noise = model.prepare_latents(4, 16, 16, torch.Generator().manual_seed(0))
+    cpu = model.decode(cpu_ids[:, :5], num_inference_steps=3, latents=noise).images
+    model = model.to("cuda")
+    cuda_ids = model.encode(images.cuda())
+    assert (cuda_ids.cpu() == cpu_ids).float().mean() > 0.95  # a code at a rounding boundary may flip
+    cuda = model.decode(cpu_ids[:, :5].cuda(), num_inference_steps=3, latents=noise.cuda()).images
+    assert relative_error(cuda, cpu) < 1e-4
+
+
+def test_cuda_generator_on_cpu_reproduces_cpu_noise():
+    model = random_flextok_model().to("cuda")
+    noise = model.prepare_latents(2, 16, 16, torch.Generator().manual_seed(5))
+    assert noise.device.type == "cuda"
+    assert torch.equal(noise.cpu(), model.to("cpu").prepare_latents(2, 16, 16, torch.Generator().manual_seed(5)))
+
+
+def test_bfloat16_decode_is_close_to_float32():
+    model = random_flextok_model().to("cuda")
+    ids = model.encode(random_images(4).cuda())
+    noise = model.prepare_latents(4, 16, 16, torch.Generator().manual_seed(0))
+    reference = model.decode(ids[:, :5], num_inference_steps=3, latents=noise).latents
+    low = model.to(torch.bfloat16).decode(ids[:, :5], num_inference_steps=3, latents=noise).latents
+    assert low.dtype == torch.float32  # the Euler integration stays in float32
+    assert relative_error(low, reference) < 5e-2
+
+
+def test_training_step_in_bfloat16_autocast():
+    model = random_flextok_model().to("cuda").train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(random_images(4).cuda()).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.decoder.patch_embed.weight.grad is not None
+
+
+def tiny_class_pipeline() -> FlexTokPipeline:
+    flextok = random_flextok_model()
+    torch.manual_seed(1)
+    config = FlexTokARConfig(
+        vocab_size=flextok.config.codebook_size,
+        max_position_embeddings=flextok.config.num_registers,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_classes=10,
+    )
+    pipe = FlexTokPipeline(ar_model=FlexTokARModel(config).eval(), flextok=flextok, scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_pipeline_on_gpu_and_with_model_cpu_offload_agree():
+    """A CPU generator drives sampling on the GPU; offloading moves each model in time and changes nothing."""
+    kwargs = dict(class_labels=[1, 7], num_tokens=5, num_inference_steps=2, output_type="pt", return_tokens=True)
+    on_gpu = tiny_class_pipeline().to("cuda")(generator=torch.Generator().manual_seed(0), **kwargs)
+    offloaded_pipe = tiny_class_pipeline()
+    offloaded_pipe.enable_model_cpu_offload(device="cuda")
+    offloaded = offloaded_pipe(generator=torch.Generator().manual_seed(0), **kwargs)
+    assert torch.equal(on_gpu.tokens.cpu(), offloaded.tokens.cpu())
+    assert relative_error(offloaded.images, on_gpu.images) < 1e-5
