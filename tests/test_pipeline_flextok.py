@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import PushToHubMixin
-from tiny_models import random_flextok_model
+from tiny_models import random_ar_model, random_flextok_model
 from transformers import AutoModel, AutoTokenizer
 
 import flextok_hf.pipelines
@@ -35,18 +35,8 @@ def seeded(seed: int) -> torch.Generator:
 
 
 def tiny_ar_model(vocab_size: int, text_conditional: bool) -> FlexTokARModel:
-    torch.manual_seed(1)
-    condition = dict(num_classes=None, text_hidden_size=384) if text_conditional else dict(num_classes=NUM_CLASSES)
-    config = FlexTokARConfig(
-        vocab_size=vocab_size,
-        max_position_embeddings=MAX_TOKENS,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        **condition,
-    )
-    return FlexTokARModel(config).eval()
+    classes = dict() if text_conditional else dict(num_classes=NUM_CLASSES)
+    return random_ar_model(1, text_conditional, vocab_size=vocab_size, max_position_embeddings=MAX_TOKENS, **classes)
 
 
 def quiet(pipe: FlexTokPipeline) -> FlexTokPipeline:

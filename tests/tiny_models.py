@@ -2,7 +2,7 @@
 
 import torch
 
-from flextok_hf import FlexTokConfig, FlexTokModel
+from flextok_hf import FlexTokARConfig, FlexTokARModel, FlexTokConfig, FlexTokModel
 from flextok_hf.configuration_flextok import DEFAULT_VAE_CONFIG
 
 
@@ -48,3 +48,25 @@ def random_flextok_model(seed: int = 0, **overrides) -> FlexTokModel:
 
 def random_images(batch: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def tiny_ar_config(text_conditional: bool = False, **overrides) -> FlexTokARConfig:
+    """A 2-layer AR generator over 64 ids and 8 positions; class-conditional (10 classes) or conditioned on
+    384-dimensional text states (all-MiniLM-L6-v2's)."""
+    settings = dict(
+        vocab_size=64,
+        max_position_embeddings=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_classes=None if text_conditional else 10,
+        text_hidden_size=384 if text_conditional else None,
+    )
+    settings.update(overrides)
+    return FlexTokARConfig(**settings)
+
+
+def random_ar_model(seed: int = 0, text_conditional: bool = False, **overrides) -> FlexTokARModel:
+    torch.manual_seed(seed)
+    return FlexTokARModel(tiny_ar_config(text_conditional, **overrides)).eval()
