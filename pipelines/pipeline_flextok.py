@@ -202,14 +202,6 @@ class FlexTokPipeline(DiffusionPipeline):
         attention_mask = attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
         return text_embeds, attention_mask
 
-    @staticmethod
-    def _onload(model: torch.nn.Module) -> None:
-        """Under model CPU offload, moves `model` to the execution device: accelerate's hook fires on `forward` only,
-        and the pipeline calls `generate_tokens` and `decode` (as diffusers' `apply_forward_hook` does)."""
-        offload_hook = getattr(model, "_hf_hook", None)
-        if offload_hook is not None:
-            offload_hook.pre_forward(model)
-
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -320,7 +312,6 @@ class FlexTokPipeline(DiffusionPipeline):
             condition = {"class_labels": class_labels.repeat_interleave(num_images_per_prompt)}
 
         # 3. Sample the token sequences, coarse to fine; a list of generators gives each image its own
-        self._onload(self.ar_model)
         tokens = self.ar_model.generate_tokens(
             **condition,
             generator=generator,
@@ -332,7 +323,6 @@ class FlexTokPipeline(DiffusionPipeline):
         )
 
         # 4. Render the tokens with the rectified-flow decoder
-        self._onload(self.flextok)
         images = self.flextok.decode(
             tokens,
             num_inference_steps=num_inference_steps,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
@@ -520,6 +521,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
         latents = posterior.sample() if self.config.vae_sample_posterior else posterior.mode()
         return latents * self.config.vae_scaling_factor
 
+    @apply_forward_hook
     def encode(self, images: torch.Tensor, return_dict: bool = False) -> torch.LongTensor | FlexTokEncoderOutput:
         """Tokenize images.
 
@@ -585,6 +587,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
             norm_dim=(1, 2, 3),
         )
 
+    @apply_forward_hook  # moves the model in under pipeline CPU offload, which otherwise hooks `forward` only
     @torch.no_grad()
     def decode(
         self,

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 from transformers import (
     AutoModel,
@@ -436,6 +437,7 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
             padded_masks.append(F.pad(mask.to(device=states.device, dtype=torch.bool), (0, padding), value=False))
         return torch.cat(padded_states), torch.cat(padded_masks)
 
+    @apply_forward_hook  # moves the model in under pipeline CPU offload, which otherwise hooks `forward` only
     @torch.no_grad()
     def generate_tokens(
         self,
