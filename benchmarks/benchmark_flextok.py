@@ -1,22 +1,28 @@
-"""Tokenize / detokenize throughput of FlexTokModel at the released d18-d28 size (random weights).
+"""Tokenize / detokenize speed of FlexTokModel at the released d18-d28 size (random weights), optionally beside the
+reference implementation (apple/ml-flextok) measured in the same process at the same settings.
 
-    python benchmarks/benchmark_flextok.py [--batch 64] [--steps 20] [--dtypes float32 bfloat16]
+    python benchmarks/benchmark_flextok.py [--batch 64] [--steps 20] [--reference-src PATH/TO/ml-flextok]
 
-Prints a markdown table: tokenize time, one guided decoder step (cond + uncond), full detokenize, peak memory.
-Settings follow shared/reference/SPEC.md section 5 (256x256, 256 tokens, APG 7.5), whose reference figures were
-taken on an H100 with torch 2.11.
+Settings follow shared/reference/SPEC.md section 5: 256x256 images, all 256 tokens, APG 7.5, batch 64. "float32"
+runs both in float32 (TF32 off); "bfloat16" runs ours with bfloat16 weights and the reference under bfloat16
+autocast, its documented fast path (compiled FlexAttention). One decoder step (cond + uncond) is derived as
+(detokenize with `steps` steps - detokenize with 1 step) / (steps - 1). Prints a markdown table.
 """
 
 import argparse
+import copy
+import gc
+import sys
 import time
+from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
 from flextok_hf import FlexTokConfig, FlexTokModel
 
 
-def timed(fn, repeats: int = 3) -> float:
-    fn()
+def timed(fn, repeats: int = 1) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
@@ -25,46 +31,84 @@ def timed(fn, repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def measure(tokenize, detokenize, steps: int) -> dict:
+    tokenize()  # warm-ups (and compilation, for the reference)
+    detokenize(1)
+    torch.cuda.reset_peak_memory_stats()
+    tokenize_s = timed(tokenize, repeats=3)
+    one_step_s = timed(lambda: detokenize(1))
+    detokenize_s = timed(lambda: detokenize(steps))
+    return {
+        "tokenize": tokenize_s,
+        "step": (detokenize_s - one_step_s) / (steps - 1),
+        "detokenize": detokenize_s,
+        "peak": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
+def measure_ours(config, images, dtype, steps):
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = FlexTokModel(config).to(dtype).eval()
+    ids = model.encode(images)
+    guidance = dict(guidance_scale=7.5, norm_guidance=True, progress_bar=iter)
+    with torch.no_grad():
+        return measure(
+            lambda: model.encode(images), lambda n: model.decode(ids, num_inference_steps=n, **guidance), steps
+        )
+
+
+def measure_reference(config, images, dtype, steps, reference_src):
+    # The reference is read from a local checkout and never part of this project.
+    sys.path.insert(0, str(reference_src))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from flextok.flextok_wrapper import FlexTokFromHub
+    from reference_format import reference_config_nodes
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = FlexTokFromHub(copy.deepcopy(reference_config_nodes(config))).eval()
+    autocast = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else nullcontext()
+    with torch.no_grad(), autocast:
+        ids = model.tokenize(images)
+        guidance = dict(guidance_scale=7.5, perform_norm_guidance=True, verbose=False, vae_image_sizes=32)
+        return measure(
+            lambda: model.tokenize(images), lambda n: model.detokenize(ids, timesteps=n, **guidance), steps
+        )
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--reference-src", help="folder holding the reference's `flextok` package")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
     config = FlexTokConfig()  # d18 encoder, d28 decoder with per-subsequence adaLN: the SPEC's benchmark size
+    images = torch.rand(args.batch, 3, 256, 256, device="cuda") * 2 - 1
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        torch.manual_seed(0)
-        model = FlexTokModel(config).to("cuda", dtype).eval()
-        images = torch.rand(args.batch, 3, 256, 256, device="cuda") * 2 - 1
-        torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            tokenize = timed(lambda: model.encode(images))
-            vae_encode = timed(lambda: model.encode_latents(images))
-            ids = model.encode(images)
-            codes = model.quantizer.indices_to_codes(ids)
-            latents = torch.randn(args.batch, 16, 32, 32, device="cuda")
-            keep_k = torch.full((args.batch,), 256, device="cuda")
-            step = timed(lambda: model.guided_velocity(latents, 0.5, codes, keep_k, 7.5, None))
-            detokenize = timed(
-                lambda: model.decode(ids, num_inference_steps=args.steps, guidance_scale=7.5, progress_bar=iter),
-                repeats=1,
+        implementations = [("flextok-hf", lambda: measure_ours(config, images, dtype, args.steps))]
+        if args.reference_src:
+            implementations.append(
+                ("reference", lambda: measure_reference(config, images, dtype, args.steps, args.reference_src))
             )
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        rows.append((dtype_name, tokenize, vae_encode, step, detokenize, peak))
-        del model
-        torch.cuda.empty_cache()
+        for name, run in implementations:
+            rows.append((name, dtype_name, run()))
+            gc.collect()
+            torch.cuda.empty_cache()
 
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, {args.steps} steps, APG 7.5\n")
-    print("| dtype | tokenize s (img/s) | VAE encode s | decoder step s | detokenize s (img/s) | peak GiB |")
+    print("| implementation | dtype | tokenize s (img/s) | decoder step s | detokenize s (img/s) | peak GiB |")
     print("|---|---|---|---|---|---|")
-    for name, tokenize, vae_encode, step, detokenize, peak in rows:
+    for name, dtype_name, m in rows:
         print(
-            f"| {name} | {tokenize:.3f} ({args.batch / tokenize:.0f}) | {vae_encode:.3f} | {step:.3f} | "
-            f"{detokenize:.1f} ({args.batch / detokenize:.2f}) | {peak:.1f} |"
+            f"| {name} | {dtype_name} | {m['tokenize']:.3f} ({args.batch / m['tokenize']:.0f}) | {m['step']:.3f} | "
+            f"{m['detokenize']:.1f} ({args.batch / m['detokenize']:.2f}) | {m['peak']:.1f} |"
         )
 
 
