@@ -4,7 +4,7 @@ reference implementation (apple/ml-flextok) measured in the same process at the 
     python benchmarks/benchmark_flextok.py [--batch 64] [--steps 20] [--reference-src PATH/TO/ml-flextok]
 
 Settings follow shared/reference/SPEC.md section 5: 256x256 images, all 256 tokens, APG 7.5, batch 64. "float32"
-runs both in float32 (TF32 off); "bfloat16" runs ours with bfloat16 weights and the reference under bfloat16
+runs both in float32 with PyTorch's default precision settings; "bfloat16" runs ours with bfloat16 weights and the reference under bfloat16
 autocast, its documented fast path (compiled FlexAttention). One decoder step (cond + uncond) is derived as
 (detokenize with `steps` steps - detokenize with 1 step) / (steps - 1). Prints a markdown table.
 """
@@ -84,8 +84,6 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--reference-src", help="folder holding the reference's `flextok` package")
     args = parser.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
 
     config = FlexTokConfig()  # d18 encoder, d28 decoder with per-subsequence adaLN: the SPEC's benchmark size
     images = torch.rand(args.batch, 3, 256, 256, device="cuda") * 2 - 1
