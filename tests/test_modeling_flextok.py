@@ -188,6 +188,9 @@ def test_reconstruct(model, images):
     assert out.images.shape == images.shape
     with pytest.raises(ValueError, match="num_tokens"):
         model.reconstruct(images, num_tokens=[1, 2])
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match=r"\[1, 8\]"):
+            model.reconstruct(images, num_tokens=bad)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -390,3 +393,11 @@ def test_bad_decode_arguments_raise(model):
         model.decode(ids, num_inference_steps=1, height=10)
     with pytest.raises(ValueError, match="generators"):
         model.decode(ids, num_inference_steps=1, generator=[torch.Generator(), torch.Generator()])
+    with pytest.raises(ValueError, match=r"latents must have shape \(1, 4, 8, 8\)"):
+        model.decode(ids, num_inference_steps=1, latents=torch.zeros(1, 4, 4, 4))
+
+
+def test_vae_config_is_refused_for_our_format(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="reference format"):
+        FlexTokModel.from_pretrained(tmp_path, vae_config={"latent_channels": 4})

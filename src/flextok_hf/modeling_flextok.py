@@ -458,8 +458,11 @@ class FlexTokModel(FlexTokPreTrainedModel):
         from .convert_flextok_checkpoint import is_reference_checkpoint, load_reference_checkpoint
 
         if is_reference_checkpoint(pretrained_model_name_or_path, **kwargs):
-            return load_reference_checkpoint(
-                cls, pretrained_model_name_or_path, vae_config=vae_config, **kwargs
+            return load_reference_checkpoint(cls, pretrained_model_name_or_path, vae_config=vae_config, **kwargs)
+        if vae_config is not None:
+            raise ValueError(
+                f"vae_config only applies to checkpoints in the reference format; {pretrained_model_name_or_path} "
+                "is not one (our format keeps the VAE config in its config.json)."
             )
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
@@ -517,7 +520,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Images `[B, 3, H, W]` in [-1, 1] -> scaled VAE latents `[B, C, H/f, W/f]` (posterior mean unless
         `config.vae_sample_posterior`)."""
-        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        posterior = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
         latents = posterior.sample() if self.config.vae_sample_posterior else posterior.mode()
         return latents * self.config.vae_scaling_factor
 
@@ -633,6 +636,11 @@ class FlexTokModel(FlexTokPreTrainedModel):
         batch = padded_ids.shape[0]
         if latents is None:
             latents = self.prepare_latents(batch, height, width, generator)
+        else:
+            factor = self.config.vae_downsample_factor
+            expected = (batch, self.config.latent_channels, height // factor, width // factor)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"latents must have shape {expected}, got {tuple(latents.shape)}.")
         latents = latents.to(device=self.device, dtype=torch.float32)
 
         codes = self.quantizer.indices_to_codes(padded_ids)
@@ -664,6 +672,8 @@ class FlexTokModel(FlexTokPreTrainedModel):
         lengths = [num_tokens] * len(token_ids) if isinstance(num_tokens, int) else list(num_tokens)
         if len(lengths) != len(token_ids):
             raise ValueError(f"num_tokens has {len(lengths)} entries for {len(token_ids)} images.")
+        if not all(isinstance(k, int) and 1 <= k <= self.config.num_registers for k in lengths):
+            raise ValueError(f"num_tokens must be ints in [1, {self.config.num_registers}], got {num_tokens}.")
         decode_kwargs.setdefault("height", images.shape[2])
         decode_kwargs.setdefault("width", images.shape[3])
         return self.decode([ids[:k] for ids, k in zip(token_ids, lengths)], **decode_kwargs)
