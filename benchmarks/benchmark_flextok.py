@@ -1,7 +1,7 @@
 """Tokenize / detokenize speed of FlexTokModel at the released d18-d28 size (random weights), optionally beside the
 reference implementation (apple/ml-flextok) measured in the same process at the same settings.
 
-    python benchmarks/benchmark_flextok.py [--batch 64] [--steps 20] [--reference-src PATH/TO/ml-flextok]
+    python benchmarks/benchmark_flextok.py [--batch 64] [--steps 20] [--reference-src PATH/TO/ml-flextok] [--compile]
 
 Settings follow shared/reference/SPEC.md section 5: 256x256 images, all 256 tokens, APG 7.5, batch 64. "float32"
 runs both in float32 with PyTorch's default precision settings; "bfloat16" runs ours with bfloat16 weights and the reference under bfloat16
@@ -46,10 +46,12 @@ def measure(tokenize, detokenize, steps: int) -> dict:
     }
 
 
-def measure_ours(config, images, dtype, steps):
+def measure_ours(config, images, dtype, steps, compile_decoder=False):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = FlexTokModel(config).to(dtype).eval()
+    if compile_decoder:
+        model.decoder.compile()
     ids = model.encode(images)
     guidance = dict(guidance_scale=7.5, norm_guidance=True, progress_bar=iter)
     with torch.no_grad():
@@ -83,6 +85,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--reference-src", help="folder holding the reference's `flextok` package")
+    parser.add_argument("--compile", action="store_true", help="also time ours with a torch.compile'd decoder")
     args = parser.parse_args()
 
     config = FlexTokConfig()  # d18 encoder, d28 decoder with per-subsequence adaLN: the SPEC's benchmark size
@@ -91,6 +94,10 @@ def main():
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         implementations = [("flextok-hf", lambda: measure_ours(config, images, dtype, args.steps))]
+        if args.compile:
+            implementations.append(
+                ("flextok-hf, compiled decoder", lambda: measure_ours(config, images, dtype, args.steps, True))
+            )
         if args.reference_src:
             implementations.append(
                 ("reference", lambda: measure_reference(config, images, dtype, args.steps, args.reference_src))
