@@ -24,6 +24,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 from .configuration_flextok import FlexTokConfig
+from .convert_flextok_checkpoint import is_reference_checkpoint, load_reference_checkpoint
 
 logger = logging.get_logger(__name__)
 
@@ -455,8 +456,6 @@ class FlexTokModel(FlexTokPreTrainedModel):
         metadata). For the released format, `vae_config` (a diffusers config dict, a JSON file or a folder) stands
         in for the VAE repo the checkpoint names; by default it is looked up beside the checkpoint, then on the Hub.
         """
-        from .convert_flextok_checkpoint import is_reference_checkpoint, load_reference_checkpoint
-
         if is_reference_checkpoint(pretrained_model_name_or_path, **kwargs):
             return load_reference_checkpoint(cls, pretrained_model_name_or_path, vae_config=vae_config, **kwargs)
         if vae_config is not None:
