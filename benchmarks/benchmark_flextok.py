@@ -3,10 +3,10 @@ reference implementation (apple/ml-flextok) measured in the same process at the 
 
     python benchmarks/benchmark_flextok.py [--batch 64] [--steps 20] [--reference-src PATH/TO/ml-flextok] [--compile]
 
-Settings follow shared/reference/SPEC.md section 5: 256x256 images, all 256 tokens, APG 7.5, batch 64. "float32"
-runs both in float32 with PyTorch's default precision settings; "bfloat16" runs ours with bfloat16 weights and the reference under bfloat16
-autocast, its documented fast path (compiled FlexAttention). One decoder step (cond + uncond) is derived as
-(detokenize with `steps` steps - detokenize with 1 step) / (steps - 1). Prints a markdown table.
+Settings follow shared/reference/SPEC.md section 5: 256x256 images, all 256 tokens, APG 7.5, batch 64.
+"float32" runs both in float32 with PyTorch's default precision settings; "bfloat16" runs ours with bfloat16
+weights and the reference under bfloat16 autocast, its documented fast path (compiled FlexAttention). One decoder
+step (cond + uncond) is (detokenize with `steps` steps - detokenize with 1 step) / (steps - 1). Prints a table.
 """
 
 import argparse
@@ -46,7 +46,13 @@ def measure(tokenize, detokenize, steps: int) -> dict:
     }
 
 
+def release_memory():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def measure_ours(config, images, dtype, steps, compile_decoder=False):
+    release_memory()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = FlexTokModel(config).to(dtype).eval()
@@ -67,6 +73,7 @@ def measure_reference(config, images, dtype, steps, reference_src):
     from flextok.flextok_wrapper import FlexTokFromHub
     from reference_format import reference_config_nodes
 
+    release_memory()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = FlexTokFromHub(copy.deepcopy(reference_config_nodes(config))).eval()
@@ -74,9 +81,7 @@ def measure_reference(config, images, dtype, steps, reference_src):
     with torch.no_grad(), autocast:
         ids = model.tokenize(images)
         guidance = dict(guidance_scale=7.5, perform_norm_guidance=True, verbose=False, vae_image_sizes=32)
-        return measure(
-            lambda: model.tokenize(images), lambda n: model.detokenize(ids, timesteps=n, **guidance), steps
-        )
+        return measure(lambda: model.tokenize(images), lambda n: model.detokenize(ids, timesteps=n, **guidance), steps)
 
 
 def main():
@@ -93,21 +98,16 @@ def main():
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        implementations = [("flextok-hf", lambda: measure_ours(config, images, dtype, args.steps))]
+        rows.append(("flextok-hf", dtype_name, measure_ours(config, images, dtype, args.steps)))
         if args.compile:
-            implementations.append(
-                ("flextok-hf, compiled decoder", lambda: measure_ours(config, images, dtype, args.steps, True))
-            )
+            compiled = measure_ours(config, images, dtype, args.steps, compile_decoder=True)
+            rows.append(("flextok-hf, compiled decoder", dtype_name, compiled))
         if args.reference_src:
-            implementations.append(
-                ("reference", lambda: measure_reference(config, images, dtype, args.steps, args.reference_src))
-            )
-        for name, run in implementations:
-            rows.append((name, dtype_name, run()))
-            gc.collect()
-            torch.cuda.empty_cache()
+            reference = measure_reference(config, images, dtype, args.steps, args.reference_src)
+            rows.append(("reference", dtype_name, reference))
 
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, {args.steps} steps, APG 7.5\n")
+    device = torch.cuda.get_device_name()
+    print(f"\n{device}, torch {torch.__version__}, batch {args.batch}, {args.steps} steps, APG 7.5\n")
     print("| implementation | dtype | tokenize s (img/s) | decoder step s | detokenize s (img/s) | peak GiB |")
     print("|---|---|---|---|---|---|")
     for name, dtype_name, m in rows:

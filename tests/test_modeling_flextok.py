@@ -158,7 +158,9 @@ def test_decode_is_reproducible_with_a_generator(model, images, guidance_scale, 
 def test_guidance_changes_the_result(model, images):
     ids = model.encode(images[:1])[:, :2]
     results = [
-        model.decode(ids, num_inference_steps=2, guidance_scale=s, norm_guidance=apg, generator=torch.Generator().manual_seed(0)).latents
+        model.decode(
+            ids, num_inference_steps=2, guidance_scale=s, norm_guidance=apg, generator=torch.Generator().manual_seed(0)
+        ).latents
         for s, apg in [(1.0, False), (3.0, False), (3.0, True)]
     ]
     assert not torch.allclose(results[0], results[1]) and not torch.allclose(results[1], results[2])
@@ -166,7 +168,9 @@ def test_guidance_changes_the_result(model, images):
 
 def test_decode_output_types(model, images):
     ids = model.encode(images[:2])
-    decode = lambda kind: model.decode(ids, num_inference_steps=1, output_type=kind, generator=torch.Generator().manual_seed(0)).images
+    decode = lambda kind: (
+        model.decode(ids, num_inference_steps=1, output_type=kind, generator=torch.Generator().manual_seed(0)).images
+    )
     pt, np_images, pil = decode("pt"), decode("np"), decode("pil")
     assert pt.shape == (2, 3, 16, 16) and pt.dtype == torch.float32
     assert isinstance(np_images, np.ndarray) and np_images.shape == (2, 16, 16, 3)
@@ -184,7 +188,9 @@ def test_decode_smaller_images_than_the_default(model, images):
 
 
 def test_reconstruct(model, images):
-    out = model.reconstruct(images, num_tokens=[8, 2, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    out = model.reconstruct(
+        images, num_tokens=[8, 2, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0)
+    )
     assert out.images.shape == images.shape
     with pytest.raises(ValueError, match="num_tokens"):
         model.reconstruct(images, num_tokens=[1, 2])
@@ -215,10 +221,14 @@ def test_training_reduces_the_loss(images):
     for parameter in model.parameters():
         parameter.data.mul_(0.3)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    fixed = dict(noise=torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), sigmas=torch.full((3,), 0.6))
+    fixed = dict(
+        noise=torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), sigmas=torch.full((3,), 0.6)
+    )
     losses = []
     for _ in range(30):
-        loss = model(images, keep_k=torch.tensor([8, 8, 8]), null_condition_mask=torch.zeros(3, dtype=torch.bool), **fixed).loss
+        loss = model(
+            images, keep_k=torch.tensor([8, 8, 8]), null_condition_mask=torch.zeros(3, dtype=torch.bool), **fixed
+        ).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -245,7 +255,9 @@ def test_save_and_load_round_trip(model, images, tmp_path):
     assert torch.equal(loaded.encode(images), model.encode(images))
     noisy, timesteps, codes = decoder_inputs(model)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.decoder(noisy, timesteps, codes), model.decoder(noisy, timesteps, codes), rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded.decoder(noisy, timesteps, codes), model.decoder(noisy, timesteps, codes), rtol=0, atol=0
+        )
 
 
 def test_load_in_bfloat16(model, images, tmp_path):
@@ -312,8 +324,13 @@ def test_reference_loader_reports_training_only_modules(tmp_path, images):
     original = random_flextok_model()
     nodes = reference_config_nodes(original.config)
     nodes["decoder"]["module_dict"]["dec_repa_proj"] = {
-        "_target_": "flextok.model.postprocessors.heads.MLPHead", "read_key": "dec_repa", "write_key": "repa",
-        "dim": 64, "dim_out": 32, "num_layers": 2, "use_mup_readout": False,
+        "_target_": "flextok.model.postprocessors.heads.MLPHead",
+        "read_key": "dec_repa",
+        "write_key": "repa",
+        "dim": 64,
+        "dim_out": 32,
+        "num_layers": 2,
+        "use_mup_readout": False,
     }
     state = reference_state_dict(original)
     state["decoder.module_dict.dec_repa_proj.out_proj.weight"] = torch.zeros(32, 256)

@@ -464,4 +464,6 @@ def test_bad_negative_text_and_generators_raise(arguments, message):
 
 def test_negative_text_for_a_class_model_raises():
     with pytest.raises(ValueError, match="only for text-conditional models"):
-        random_ar_model().generate_tokens(class_labels=LABELS, negative_encoder_hidden_states=TEXT_STATES, guidance_scale=2)
+        random_ar_model().generate_tokens(
+            class_labels=LABELS, negative_encoder_hidden_states=TEXT_STATES, guidance_scale=2
+        )

@@ -130,11 +130,15 @@ class FlexTokConfig(PretrainedConfig):
                 f"decoder_register_steps must order exactly {REGISTER_STEPS}, got {self.decoder_register_steps}."
             )
         if self.nested_dropout_mode not in NESTED_DROPOUT_MODES:
-            raise ValueError(f"nested_dropout_mode must be one of {NESTED_DROPOUT_MODES}, got {self.nested_dropout_mode!r}.")
+            raise ValueError(
+                f"nested_dropout_mode must be one of {NESTED_DROPOUT_MODES}, got {self.nested_dropout_mode!r}."
+            )
         for part in ("encoder", "decoder"):
             hidden, head = getattr(self, f"{part}_hidden_size"), getattr(self, f"{part}_head_dim")
             if hidden % head != 0 or hidden % 4 != 0:
-                raise ValueError(f"{part}_hidden_size ({hidden}) must be a multiple of {part}_head_dim ({head}) and of 4.")
+                raise ValueError(
+                    f"{part}_hidden_size ({hidden}) must be a multiple of {part}_head_dim ({head}) and of 4."
+                )
         if self.image_size % self.image_multiple != 0:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of {self.image_multiple}.")
 

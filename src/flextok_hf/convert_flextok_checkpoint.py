@@ -312,7 +312,9 @@ def parse_reference_config(nodes: dict, vae_config=None, folder: Path = Path("."
 
     noise_node = nodes["flow_matching_noise_module"]
     if not noise_node.get("ln", True) or noise_node.get("stratisfied", False):
-        logger.warning("The checkpoint was trained with a non-logit-normal time distribution; training here uses logit-normal.")
+        logger.warning(
+            "The checkpoint was trained with a non-logit-normal time distribution; training here uses logit-normal."
+        )
     downsample = 2 ** (len(vae_config["block_out_channels"]) - 1)
     config = FlexTokConfig(
         vae_config=vae_config,
@@ -403,7 +405,8 @@ def load_reference_checkpoint(model_class, source, vae_config=None, **kwargs):
         state.update({f"vae.{k}": v for k, v in vae.state_dict().items()})
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise ValueError(f"Checkpoint {weights_file} does not match its config: missing {missing[:8]}{'...' if len(missing) > 8 else ''}.")
+        shown = ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else "")
+        raise ValueError(f"Checkpoint {weights_file} does not match its config: missing weights ({shown}).")
     for key, tensor in state.items():
         if key not in expected:
             unused.append(key)

@@ -6,7 +6,6 @@ with classifier-free or adaptive projected guidance -> VAE decode.
 """
 
 import math
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -502,7 +501,9 @@ class FlexTokModel(FlexTokPreTrainedModel):
             if ids.ndim == 2 and ids.shape[0] == 1:
                 ids = ids[0]
             if ids.ndim != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-                raise ValueError(f"token_ids[{i}] must be a 1D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}.")
+                raise ValueError(
+                    f"token_ids[{i}] must be a 1D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}."
+                )
             if not 1 <= len(ids) <= num_registers:
                 raise ValueError(f"token_ids[{i}] has {len(ids)} tokens; expected 1 to {num_registers}.")
             if ids.min() < 0 or ids.max() >= self.config.codebook_size:
@@ -572,7 +573,11 @@ class FlexTokModel(FlexTokPreTrainedModel):
             return self.decoder(latents, timesteps, codes, keep_k).float()
         null_condition_mask = torch.arange(2 * batch, device=latents.device) >= batch
         velocity = self.decoder(
-            latents.repeat(2, 1, 1, 1), timesteps.repeat(2), codes.repeat(2, 1, 1), keep_k.repeat(2), null_condition_mask
+            latents.repeat(2, 1, 1, 1),
+            timesteps.repeat(2),
+            codes.repeat(2, 1, 1),
+            keep_k.repeat(2),
+            null_condition_mask,
         ).float()
         cond, uncond = velocity.chunk(2)
         if momentum_buffer is None:
@@ -649,7 +654,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
         scheduler.set_timesteps(sigmas=sigmas, device=self.device)
         momentum_buffer = MomentumBuffer(APG_MOMENTUM) if norm_guidance and guidance_scale != 1.0 else None
         progress_bar = progress_bar or (lambda steps: logging.tqdm(steps, total=num_inference_steps))
-        for step, timestep in zip(progress_bar(range(num_inference_steps)), scheduler.timesteps):
+        for step, timestep in zip(progress_bar(range(num_inference_steps)), scheduler.timesteps, strict=True):
             velocity = self.guided_velocity(latents, sigmas[step], codes, keep_k, guidance_scale, momentum_buffer)
             latents = scheduler.step(velocity, timestep, latents).prev_sample
 
@@ -675,7 +680,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
             raise ValueError(f"num_tokens must be ints in [1, {self.config.num_registers}], got {num_tokens}.")
         decode_kwargs.setdefault("height", images.shape[2])
         decode_kwargs.setdefault("width", images.shape[3])
-        return self.decode([ids[:k] for ids, k in zip(token_ids, lengths)], **decode_kwargs)
+        return self.decode([ids[:k] for ids, k in zip(token_ids, lengths, strict=True)], **decode_kwargs)
 
     # ------------------------------------------------------------------------------------------- training
 

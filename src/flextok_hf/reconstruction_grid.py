@@ -20,9 +20,7 @@ def small_random_model(seed: int = 0) -> FlexTokModel:
     """A freshly initialised FlexTok with the released VAE and token shapes but a small encoder and decoder, so
     the whole example runs in seconds on a CPU (its reconstructions are noise until trained)."""
     torch.manual_seed(seed)
-    config = FlexTokConfig(
-        encoder_hidden_size=128, encoder_num_layers=2, decoder_hidden_size=128, decoder_num_layers=2
-    )
+    config = FlexTokConfig(encoder_hidden_size=128, encoder_num_layers=2, decoder_hidden_size=128, decoder_num_layers=2)
     return FlexTokModel(config).eval()
 
 
@@ -62,7 +60,11 @@ def main(argv=None):
     prefixes = [token_ids[0, :k] for k in lengths]
     generator = torch.Generator().manual_seed(args.seed)
     reconstructions = model.decode(
-        prefixes, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator, output_type="np"
+        prefixes,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        generator=generator,
+        output_type="np",
     ).images
     original = (image[0].permute(1, 2, 0).cpu().numpy() + 1) / 2
     row = np.concatenate([original, *reconstructions], axis=1)
