@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="flextok-hf",
     version="0.1.0",
-    description="FlexTok (arXiv 2502.13967) for transformers and diffusers: 1D image tokenizer, AR generator, pipeline.",
+    description="FlexTok (arXiv 2502.13967) for transformers and diffusers: 1D tokenizer, AR generator, pipeline.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",

@@ -168,9 +168,11 @@ def test_guidance_changes_the_result(model, images):
 
 def test_decode_output_types(model, images):
     ids = model.encode(images[:2])
-    decode = lambda kind: (
-        model.decode(ids, num_inference_steps=1, output_type=kind, generator=torch.Generator().manual_seed(0)).images
-    )
+
+    def decode(kind):
+        generator = torch.Generator().manual_seed(0)
+        return model.decode(ids, num_inference_steps=1, output_type=kind, generator=generator).images
+
     pt, np_images, pil = decode("pt"), decode("np"), decode("pil")
     assert pt.shape == (2, 3, 16, 16) and pt.dtype == torch.float32
     assert isinstance(np_images, np.ndarray) and np_images.shape == (2, 16, 16, 3)
