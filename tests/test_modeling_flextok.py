@@ -238,6 +238,32 @@ def test_training_reduces_the_loss(images):
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(images):
+    model = random_flextok_model(seed=5).train()
+    fixed = dict(
+        noise=torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+        sigmas=torch.full((3,), 0.4),
+        keep_k=torch.tensor([8, 2, 1]),
+        null_condition_mask=torch.tensor([False, False, True]),
+    )
+
+    def loss_and_gradients():
+        model.zero_grad()
+        loss = model(images, **fixed).loss
+        loss.backward()
+        return loss.detach(), [
+            p.grad.clone() for p in (model.encoder.registers, model.decoder.blocks[0].attn.q_proj.weight)
+        ]
+
+    loss, gradients = loss_and_gradients()
+    model.activation_checkpointing_enable()
+    assert all(block.gradient_checkpointing for block in model.decoder.blocks)
+    checkpointed_loss, checkpointed_gradients = loss_and_gradients()
+    torch.testing.assert_close(checkpointed_loss, loss)
+    for ours, expected in zip(checkpointed_gradients, gradients, strict=True):
+        torch.testing.assert_close(ours, expected)
+
+
 @pytest.mark.parametrize("mode, allowed", [("uniform", set(range(1, 9))), ("uniform_pow2", {1, 2, 4, 8})])
 def test_nested_dropout_modes(mode, allowed):
     model = FlexTokModel(tiny_flextok_config(nested_dropout_mode=mode))

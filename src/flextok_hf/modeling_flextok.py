@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_flextok import FlexTokConfig
@@ -209,7 +210,7 @@ class FlexTokMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
-class FlexTokBlock(nn.Module):
+class FlexTokBlock(GradientCheckpointingLayer):
     """Pre-norm transformer block of the encoder."""
 
     def __init__(self, hidden_size: int, head_dim: int, mlp_ratio: float, qk_norm: bool):
@@ -397,6 +398,7 @@ class FlexTokPreTrainedModel(PreTrainedModel):
     config_class = FlexTokConfig
     base_model_prefix = "flextok"
     main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["FlexTokBlock", "FlexTokAdaLNBlock"]
 
