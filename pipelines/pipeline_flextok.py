@@ -141,7 +141,11 @@ class FlexTokPipeline(DiffusionPipeline):
                     "negative prompt per prompt, or a single string for all of them."
                 )
 
-        if not isinstance(num_tokens, int) or not 1 <= num_tokens <= self.max_num_tokens:
+        if (
+            not isinstance(num_tokens, int)
+            or isinstance(num_tokens, bool)
+            or not 1 <= num_tokens <= self.max_num_tokens
+        ):
             raise ValueError(f"`num_tokens` must be an int in [1, {self.max_num_tokens}], got {num_tokens!r}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}.")

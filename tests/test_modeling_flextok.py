@@ -4,6 +4,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from reference_format import reference_config_nodes, reference_state_dict, write_hub_format, write_metadata_format
 from safetensors import safe_open
 from tiny_models import random_flextok_model, random_images, tiny_flextok_config
@@ -54,6 +55,7 @@ def test_config_round_trip_and_auto_classes(tmp_path):
         {"nested_dropout_mode": "random"},
         {"encoder_hidden_size": 70},
         {"image_size": 18},
+        {"image_size": 32},
     ],
 )
 def test_config_rejects_inconsistent_architecture(overrides):
@@ -103,10 +105,14 @@ def test_fsq_round_trip_and_straight_through():
     ids = torch.arange(quantizer.codebook_size)
     codes = quantizer.indices_to_codes(ids)
     assert codes.min() >= -1 and codes.max() <= 1
-    # Codes are fixed points of quantisation up to the tanh bound: re-quantising the ids' codes gives the ids.
-    latents = torch.atanh(codes.clamp(-0.999, 0.999) * 0.5)
-    requantised, requantised_ids = quantizer(latents)
-    assert requantised.shape == codes.shape and requantised_ids.shape == ids.shape
+    # Latents that the tanh bound maps exactly onto each code quantise back to that code and id.
+    levels = torch.tensor(quantizer.levels, dtype=torch.float64)
+    half_range = (levels - 1) * (1 + 1e-3) / 2
+    offset = (levels % 2 == 0).double() * 0.5
+    shift = torch.atanh(offset / half_range)
+    latents = torch.atanh((codes.double() * (levels // 2) + offset) / half_range) - shift
+    requantised, requantised_ids = quantizer(latents.float())
+    assert torch.equal(requantised_ids, ids) and torch.equal(requantised, codes)
     z = torch.randn(4, 4, requires_grad=True)
     quantizer(z)[0].sum().backward()
     assert z.grad is not None and torch.count_nonzero(z.grad) > 0
@@ -183,6 +189,20 @@ def test_decode_output_types(model, images):
     assert isinstance(model.decode(ids, num_inference_steps=1, return_dict=False), tuple)
 
 
+def test_decode_conditions_the_model_on_the_scheduler_sigmas(model, images):
+    """A scheduler with its own time shift changes both the stepping and the times the decoder is told."""
+    ids = model.encode(images[:1])
+    told = []
+    hook = model.decoder.register_forward_hook(lambda module, args, output: told.append(args[1][0].item()))
+    shifted = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    try:
+        model.decode(ids, num_inference_steps=4, guidance_scale=1.0, scheduler=shifted)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(torch.tensor(told), shifted.sigmas[:-1].cpu())
+    assert told[1] == pytest.approx(3 * 0.75 / (1 + 2 * 0.75))
+
+
 def test_decode_smaller_images_than_the_default(model, images):
     ids = model.encode(images[:1, :, :8, :8])
     out = model.decode(ids, num_inference_steps=1, height=8, width=12)
@@ -196,9 +216,11 @@ def test_reconstruct(model, images):
     assert out.images.shape == images.shape
     with pytest.raises(ValueError, match="num_tokens"):
         model.reconstruct(images, num_tokens=[1, 2])
-    for bad in (0, 9):
+    for bad in (0, 9, True, 2.5):
         with pytest.raises(ValueError, match=r"\[1, 8\]"):
             model.reconstruct(images, num_tokens=bad)
+    short = model.reconstruct(images, num_tokens=np.int64(2), num_inference_steps=1, output_type="latent")
+    assert short.images.shape == (3, 4, 8, 8)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -236,6 +258,31 @@ def test_training_reduces_the_loss(images):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(keep_k=torch.tensor([0, 8, 8])), "keep_k"),
+        (dict(keep_k=torch.tensor([8, 8, 9])), "keep_k"),
+        (dict(keep_k=torch.tensor([8, 8])), "keep_k"),
+        (dict(sigmas=torch.tensor([-0.1, 0.5, 0.5])), "sigmas"),
+        (dict(sigmas=torch.tensor([0.5, 1.5, 0.5])), "sigmas"),
+        (dict(null_condition_mask=torch.tensor([0, 1, 0])), "null_condition_mask"),
+        (dict(noise=torch.zeros(3, 4, 4, 4)), "noise"),
+    ],
+)
+def test_bad_training_inputs_raise(model, images, bad, message):
+    with pytest.raises(ValueError, match=message):
+        model(images, **bad)
+
+
+def test_forward_tuple_matches_the_output_object(model, images):
+    fixed = dict(noise=torch.zeros(3, 4, 8, 8), sigmas=torch.full((3,), 0.5))
+    output = model(images, **fixed)
+    as_tuple = model(images, return_dict=False, **fixed)
+    assert len(as_tuple) == len(output.to_tuple())
+    assert all(torch.equal(a, b) for a, b in zip(as_tuple, output.to_tuple(), strict=True))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(images):
@@ -404,6 +451,7 @@ def test_reference_loader_rejects_mismatched_checkpoints(tmp_path):
         (torch.zeros(3, 16, 16), r"\[B, 3, H, W\]"),
         (torch.full((1, 3, 16, 16), 255.0), r"\[-1, 1\]"),
         (torch.zeros(1, 3, 16, 16, dtype=torch.uint8), "floating-point"),
+        (torch.full((1, 3, 16, 16), float("nan")), "NaN"),
     ],
 )
 def test_bad_images_raise(model, bad_images, message):
@@ -436,6 +484,8 @@ def test_bad_decode_arguments_raise(model):
         model.decode(ids, num_inference_steps=0)
     with pytest.raises(ValueError, match="multiples"):
         model.decode(ids, num_inference_steps=1, height=10)
+    with pytest.raises(ValueError, match="got 0x16"):
+        model.decode(ids, num_inference_steps=1, height=0)
     with pytest.raises(ValueError, match="generators"):
         model.decode(ids, num_inference_steps=1, generator=[torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match=r"latents must have shape \(1, 4, 8, 8\)"):

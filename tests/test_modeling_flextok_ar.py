@@ -416,6 +416,7 @@ def test_bad_text_inputs_raise(arguments, message):
     [
         (dict(num_tokens=0), r"num_tokens must be an int in \[1, 8\]"),
         (dict(num_tokens=MAX_TOKENS + 1), r"num_tokens must be an int in \[1, 8\]"),
+        (dict(num_tokens=True), r"num_tokens must be an int in \[1, 8\]"),
         (dict(temperature=0.0), "temperature"),
         (dict(top_k=0), "top_k"),
         (dict(top_p=1.5), "top_p"),

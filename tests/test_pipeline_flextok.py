@@ -377,6 +377,7 @@ def test_push_to_hub_is_inherited():
         (dict(class_labels=[1.0]), r"\[0, 1000\)"),
         (dict(class_labels=1, num_tokens=0), "num_tokens"),
         (dict(class_labels=1, num_tokens=MAX_TOKENS + 1), "num_tokens"),
+        (dict(class_labels=1, num_tokens=True), "num_tokens"),
         (dict(class_labels=1, num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(class_labels=[1, 2], generator=[seeded(0)]), "one generator per image"),
         (dict(class_labels=[1, 2], num_images_per_prompt=2, generator=[seeded(0)] * 2), "one generator per image"),

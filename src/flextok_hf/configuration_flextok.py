@@ -139,8 +139,12 @@ class FlexTokConfig(PretrainedConfig):
                 raise ValueError(
                     f"{part}_hidden_size ({hidden}) must be a multiple of {part}_head_dim ({head}) and of 4."
                 )
-        if self.image_size % self.image_multiple != 0:
-            raise ValueError(f"image_size ({self.image_size}) must be a multiple of {self.image_multiple}.")
+        largest = self.max_grid_size * self.image_multiple
+        if self.image_size % self.image_multiple != 0 or self.image_size > largest:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of {self.image_multiple} and at most {largest} "
+                f"(max_grid_size {self.max_grid_size} patches of {self.image_multiple} pixels)."
+            )
 
     @property
     def latent_channels(self) -> int:

@@ -26,8 +26,6 @@ from transformers.utils import ModelOutput, logging
 from .configuration_flextok import FlexTokConfig
 from .convert_flextok_checkpoint import is_reference_checkpoint, load_reference_checkpoint
 
-logger = logging.get_logger(__name__)
-
 # Guidance constants of the released sampler (APG, arXiv 2410.02416).
 APG_MOMENTUM = -0.5
 APG_NORM_THRESHOLD = 2.5
@@ -264,7 +262,8 @@ class FlexTokTimestepEmbedder(nn.Module):
         exponent = -math.log(256) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
         freqs = (1000.0 / self.max_timestep) * torch.exp(exponent)
         args = timesteps[:, None].float() * freqs[None]
-        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.linear_1.weight.dtype)
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        features = F.pad(features, (0, self.frequency_dim % 2)).to(self.linear_1.weight.dtype)
         return self.linear_2(F.silu(self.linear_1(features)))
 
 
@@ -475,6 +474,8 @@ class FlexTokModel(FlexTokPreTrainedModel):
         if not images.is_floating_point():
             raise ValueError(f"images must be a floating-point tensor in [-1, 1], got dtype {images.dtype}.")
         self.check_image_size(images.shape[2], images.shape[3])
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite values; expected finite values in [-1, 1].")
         low, high = images.min().item(), images.max().item()
         if low < -1 - IMAGE_RANGE_TOLERANCE or high > 1 + IMAGE_RANGE_TOLERANCE:
             raise ValueError(f"images must be scaled to [-1, 1], got values in [{low:.3g}, {high:.3g}].")
@@ -482,9 +483,9 @@ class FlexTokModel(FlexTokPreTrainedModel):
     def check_image_size(self, height: int, width: int):
         multiple = self.config.image_multiple
         largest = self.config.max_grid_size * multiple
-        if height % multiple or width % multiple or height > largest or width > largest:
+        if not (0 < height <= largest and 0 < width <= largest) or height % multiple or width % multiple:
             raise ValueError(
-                f"image height and width must be multiples of {multiple} (VAE factor "
+                f"image height and width must be positive multiples of {multiple} (VAE factor "
                 f"{self.config.vae_downsample_factor} x patch size {self.config.patch_size}) and at most {largest}, "
                 f"got {height}x{width}."
             )
@@ -516,6 +517,21 @@ class FlexTokModel(FlexTokPreTrainedModel):
             padded[i, : len(ids)] = ids.to(self.device)
             lengths.append(len(ids))
         return padded, torch.tensor(lengths, device=self.device)
+
+    def check_training_inputs(self, batch, latent_shape, noise, sigmas, keep_k, null_condition_mask):
+        if noise is not None and tuple(noise.shape) != tuple(latent_shape):
+            raise ValueError(f"noise must have the latents' shape {tuple(latent_shape)}, got {tuple(noise.shape)}.")
+        if sigmas is not None and (sigmas.shape != (batch,) or sigmas.min() < 0 or sigmas.max() > 1):
+            raise ValueError(f"sigmas must be [{batch}] values in [0, 1], got {sigmas.tolist()}.")
+        num_registers = self.config.num_registers
+        if keep_k is not None and (
+            keep_k.shape != (batch,) or keep_k.is_floating_point() or keep_k.min() < 1 or keep_k.max() > num_registers
+        ):
+            raise ValueError(f"keep_k must be [{batch}] integers in [1, {num_registers}], got {keep_k.tolist()}.")
+        if null_condition_mask is not None and (
+            null_condition_mask.shape != (batch,) or null_condition_mask.dtype != torch.bool
+        ):
+            raise ValueError(f"null_condition_mask must be a bool tensor [{batch}], got {null_condition_mask}.")
 
     # ------------------------------------------------------------------------------------------ tokenizer
 
@@ -637,7 +653,8 @@ class FlexTokModel(FlexTokPreTrainedModel):
             raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}.")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
-        height, width = height or self.config.image_size, width or self.config.image_size
+        height = self.config.image_size if height is None else height
+        width = self.config.image_size if width is None else width
         self.check_image_size(height, width)
         batch = padded_ids.shape[0]
         if latents is None:
@@ -651,13 +668,14 @@ class FlexTokModel(FlexTokPreTrainedModel):
 
         codes = self.quantizer.indices_to_codes(padded_ids)
         scheduler = scheduler or FlowMatchEulerDiscreteScheduler(shift=1.0)
-        # Time steps i/T for i = T..1, exactly as the released sampler; the scheduler appends t = 0.
-        sigmas = [i / num_inference_steps for i in range(num_inference_steps, 0, -1)]
-        scheduler.set_timesteps(sigmas=sigmas, device=self.device)
+        # Time steps i/T for i = T..1 as the released sampler (a scheduler's own shift or spacing applies on top);
+        # the model is told the scheduler's sigmas, so conditioning and stepping always agree.
+        scheduler.set_timesteps(sigmas=[i / num_inference_steps for i in range(num_inference_steps, 0, -1)])
         momentum_buffer = MomentumBuffer(APG_MOMENTUM) if norm_guidance and guidance_scale != 1.0 else None
         progress_bar = progress_bar or (lambda steps: logging.tqdm(steps, total=num_inference_steps))
         for step, timestep in zip(progress_bar(range(num_inference_steps)), scheduler.timesteps, strict=True):
-            velocity = self.guided_velocity(latents, sigmas[step], codes, keep_k, guidance_scale, momentum_buffer)
+            sigma = scheduler.sigmas[step].item()
+            velocity = self.guided_velocity(latents, sigma, codes, keep_k, guidance_scale, momentum_buffer)
             latents = scheduler.step(velocity, timestep, latents).prev_sample
 
         if output_type == "latent":
@@ -675,14 +693,20 @@ class FlexTokModel(FlexTokPreTrainedModel):
         """Encode images and decode the first `num_tokens` tokens of each (an int, or one per image).
         `decode_kwargs` go to [`~FlexTokModel.decode`] (its height and width default to the input's)."""
         token_ids = self.encode(images)
-        lengths = [num_tokens] * len(token_ids) if isinstance(num_tokens, int) else list(num_tokens)
+        num_registers = self.config.num_registers
+        lengths = torch.as_tensor(num_tokens)
+        if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.ndim > 1:
+            raise ValueError(
+                f"num_tokens must be an int or one int per image in [1, {num_registers}], got {num_tokens}."
+            )
+        lengths = lengths.expand(len(token_ids)) if lengths.ndim == 0 else lengths
         if len(lengths) != len(token_ids):
             raise ValueError(f"num_tokens has {len(lengths)} entries for {len(token_ids)} images.")
-        if not all(isinstance(k, int) and 1 <= k <= self.config.num_registers for k in lengths):
-            raise ValueError(f"num_tokens must be ints in [1, {self.config.num_registers}], got {num_tokens}.")
+        if lengths.min() < 1 or lengths.max() > num_registers:
+            raise ValueError(f"num_tokens must be in [1, {num_registers}], got {num_tokens}.")
         decode_kwargs.setdefault("height", images.shape[2])
         decode_kwargs.setdefault("width", images.shape[3])
-        return self.decode([ids[:k] for ids, k in zip(token_ids, lengths, strict=True)], **decode_kwargs)
+        return self.decode([ids[:k] for ids, k in zip(token_ids, lengths.tolist(), strict=True)], **decode_kwargs)
 
     # ------------------------------------------------------------------------------------------- training
 
@@ -726,20 +750,21 @@ class FlexTokModel(FlexTokPreTrainedModel):
         codes, token_ids = self.quantizer(self.encoder(latents))
 
         batch, device = latents.shape[0], latents.device
+        self.check_training_inputs(batch, latents.shape, noise, sigmas, keep_k, null_condition_mask)
         noise = torch.randn_like(latents) if noise is None else noise.to(latents)
         sigmas = torch.sigmoid(torch.randn(batch, device=device)) if sigmas is None else sigmas.to(latents)
         if keep_k is None and self.training:
             keep_k = self.sample_keep_k(batch, device)
         if null_condition_mask is None and self.training:
             null_condition_mask = torch.rand(batch, device=device) < self.config.null_condition_prob
+        keep_k = keep_k.to(device) if keep_k is not None else None
+        null_condition_mask = null_condition_mask.to(device) if null_condition_mask is not None else None
         sigma = sigmas.view(-1, 1, 1, 1)
         noisy_latents = sigma * noise + (1 - sigma) * latents
         target = noise - latents
         predicted = self.decoder(noisy_latents, sigmas, codes, keep_k, null_condition_mask)
         loss = F.mse_loss(predicted.float(), target)
-        if not return_dict:
-            return (loss, token_ids, predicted, target)
-        return FlexTokOutput(
+        output = FlexTokOutput(
             loss=loss,
             token_ids=token_ids,
             predicted_velocity=predicted,
@@ -748,6 +773,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
             sigmas=sigmas,
             keep_k=keep_k,
         )
+        return output if return_dict else output.to_tuple()
 
 
 AutoConfig.register(FlexTokConfig.model_type, FlexTokConfig)

@@ -496,7 +496,11 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
             `torch.LongTensor` of shape `[batch, num_tokens]`.
         """
         num_tokens = self.config.max_position_embeddings if num_tokens is None else num_tokens
-        if not isinstance(num_tokens, int) or not 1 <= num_tokens <= self.config.max_position_embeddings:
+        if (
+            not isinstance(num_tokens, int)
+            or isinstance(num_tokens, bool)
+            or not 1 <= num_tokens <= self.config.max_position_embeddings
+        ):
             raise ValueError(
                 f"num_tokens must be an int in [1, {self.config.max_position_embeddings}], got {num_tokens}."
             )

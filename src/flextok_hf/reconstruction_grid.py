@@ -18,10 +18,16 @@ from .modeling_flextok import FlexTokModel
 
 def small_random_model(seed: int = 0) -> FlexTokModel:
     """A freshly initialised FlexTok with the released VAE and token shapes but a small encoder and decoder, so
-    the whole example runs in seconds on a CPU (its reconstructions are noise until trained)."""
+    the whole example runs in seconds on a CPU (its reconstructions are noise until trained). Its two
+    zero-initialised output layers get random weights, so that tokens and reconstructions differ by image and
+    by prefix length as they do in a trained model."""
     torch.manual_seed(seed)
     config = FlexTokConfig(encoder_hidden_size=128, encoder_num_layers=2, decoder_hidden_size=128, decoder_num_layers=2)
-    return FlexTokModel(config).eval()
+    model = FlexTokModel(config).eval()
+    with torch.no_grad():
+        for layer in (model.encoder.to_latents, model.decoder.output_proj):
+            layer.weight.normal_(0.0, layer.in_features**-0.5)
+    return model
 
 
 def load_photo(path: str | None, size: int) -> torch.Tensor:
@@ -57,6 +63,8 @@ def main(argv=None):
     token_ids = model.encode(image)
     print(f"{model.config.num_registers} token ids, first 16: {token_ids[0, :16].tolist()}")
     lengths = [k for k in args.num_tokens if 1 <= k <= model.config.num_registers]
+    if not lengths:
+        parser.error(f"--num-tokens must include values in [1, {model.config.num_registers}]")
     prefixes = [token_ids[0, :k] for k in lengths]
     generator = torch.Generator().manual_seed(args.seed)
     reconstructions = model.decode(
