@@ -21,6 +21,68 @@ def _per_sample(read_key: str, write_key: str, op: str) -> dict:
     return _node("model.utils.dict_ops.PerSampleOp", read_key=read_key, write_key=write_key, per_sample_op=fn)
 
 
+def _patch_embedder(part: str, channels: int, dim: int, patch: list[int]) -> dict:
+    return _node(
+        "model.preprocessors.patching.PatchEmbedder",
+        input_tensor_list_read_key=f"{part}_bhwc",
+        patches_list_write_key=f"{part}_patches",
+        n_patches_write_key=f"{part}_n",
+        channels_in=channels,
+        dim=dim,
+        patch_sizes=patch,
+        flatten_patches=False,
+    )
+
+
+def _sincos_positions(part: str, dim: int, grid: list[int]) -> dict:
+    return _node(
+        "model.utils.posembs.PositionalEmbeddingAdder",
+        read_key=f"{part}_patches",
+        write_key=f"{part}_patches",
+        dim=dim,
+        max_sizes=grid,
+        posemb_type="sincos",
+        posemb_scaling="absolute",
+    )
+
+
+def _packer(part: str, registers_key: str, mask_mode: str, **options) -> dict:
+    return _node(
+        "model.preprocessors.flex_seq_packing.BlockWiseSequencePacker",
+        input_list_read_keys=[f"{part}_patches", registers_key],
+        packed_seq_write_key=f"{part}_seq",
+        block_mask_write_key=f"{part}_mask",
+        inner_packed_shapes_write_key=f"{part}_ps_inner",
+        outer_packed_shapes_write_key=f"{part}_ps_outer",
+        mask_mode=mask_mode,
+        pad_to_multiple=128,
+        **options,
+    )
+
+
+def _transformer(part: str, dim: int, depth: int, head_dim: int, **options) -> dict:
+    return _node(
+        "model.trunks.transformers.FlexTransformer",
+        input_seq_read_key=f"{part}_seq",
+        output_seq_write_key=f"{part}_seq",
+        dim=dim,
+        depth=depth,
+        head_dim=head_dim,
+        block_mask_read_key=f"{part}_mask",
+        **options,
+    )
+
+
+def _unpacker(part: str, registers_key: str) -> dict:
+    return _node(
+        "model.postprocessors.seq_unpacking.SequenceUnpacker",
+        packed_seq_read_key=f"{part}_seq",
+        inner_seq_write_keys=[f"{part}_patches", registers_key],
+        inner_packed_shapes_read_key=f"{part}_ps_inner",
+        outer_packed_shapes_read_key=f"{part}_ps_outer",
+    )
+
+
 def reference_config_nodes(config: FlexTokConfig) -> dict:
     """The six config nodes of a released checkpoint, in the reference's module order."""
     enc, dec, channels = config.encoder_hidden_size, config.decoder_hidden_size, config.latent_channels
@@ -28,25 +90,8 @@ def reference_config_nodes(config: FlexTokConfig) -> dict:
     per_subseq = config.decoder_adaln_per_subsequence
     encoder = {
         "enc_channels_to_last": _per_sample("vae_latents", "enc_bhwc", "channels_first_to_last"),
-        "enc_patch_emb": _node(
-            "model.preprocessors.patching.PatchEmbedder",
-            input_tensor_list_read_key="enc_bhwc",
-            patches_list_write_key="enc_patches",
-            n_patches_write_key="enc_n",
-            channels_in=channels,
-            dim=enc,
-            patch_sizes=patch,
-            flatten_patches=False,
-        ),
-        "enc_posemb_module": _node(
-            "model.utils.posembs.PositionalEmbeddingAdder",
-            read_key="enc_patches",
-            write_key="enc_patches",
-            dim=enc,
-            max_sizes=grid,
-            posemb_type="sincos",
-            posemb_scaling="absolute",
-        ),
+        "enc_patch_emb": _patch_embedder("enc", channels, enc, patch),
+        "enc_posemb_module": _sincos_positions("enc", enc, grid),
         "enc_register_module": _node(
             "model.preprocessors.registers.Registers1D",
             input_tensor_list_read_key="enc_patches",
@@ -56,32 +101,9 @@ def reference_config_nodes(config: FlexTokConfig) -> dict:
             n_min=config.num_registers,
             n_max=config.num_registers,
         ),
-        "enc_seq_packer": _node(
-            "model.preprocessors.flex_seq_packing.BlockWiseSequencePacker",
-            input_list_read_keys=["enc_patches", "enc_registers"],
-            packed_seq_write_key="enc_seq",
-            block_mask_write_key="enc_mask",
-            inner_packed_shapes_write_key="enc_ps_inner",
-            outer_packed_shapes_write_key="enc_ps_outer",
-            mask_mode=config.encoder_attention_mask,
-            pad_to_multiple=128,
-        ),
-        "enc_transformer": _node(
-            "model.trunks.transformers.FlexTransformer",
-            input_seq_read_key="enc_seq",
-            output_seq_write_key="enc_seq",
-            dim=enc,
-            depth=config.encoder_num_layers,
-            head_dim=config.encoder_head_dim,
-            block_mask_read_key="enc_mask",
-        ),
-        "enc_unpacker": _node(
-            "model.postprocessors.seq_unpacking.SequenceUnpacker",
-            packed_seq_read_key="enc_seq",
-            inner_seq_write_keys=["enc_patches", "enc_registers"],
-            inner_packed_shapes_read_key="enc_ps_inner",
-            outer_packed_shapes_read_key="enc_ps_outer",
-        ),
+        "enc_seq_packer": _packer("enc", "enc_registers", config.encoder_attention_mask),
+        "enc_transformer": _transformer("enc", enc, config.encoder_num_layers, config.encoder_head_dim),
+        "enc_unpacker": _unpacker("enc", "enc_registers"),
         "enc_to_latents": _node(
             "model.postprocessors.heads.LinearHead",
             read_key="enc_registers",
@@ -135,34 +157,12 @@ def reference_config_nodes(config: FlexTokConfig) -> dict:
         ),
         **dict(register_steps[step] for step in config.decoder_register_steps),
         "dec_noise_channels_to_last": _per_sample("vae_latents_noised", "dec_bhwc", "channels_first_to_last"),
-        "dec_noise_patch_emb": _node(
-            "model.preprocessors.patching.PatchEmbedder",
-            input_tensor_list_read_key="dec_bhwc",
-            patches_list_write_key="dec_patches",
-            n_patches_write_key="dec_n",
-            channels_in=channels,
-            dim=dec,
-            patch_sizes=patch,
-            flatten_patches=False,
-        ),
-        "dec_patches_posemb_module": _node(
-            "model.utils.posembs.PositionalEmbeddingAdder",
-            read_key="dec_patches",
-            write_key="dec_patches",
-            dim=dec,
-            max_sizes=grid,
-            posemb_type="sincos",
-            posemb_scaling="absolute",
-        ),
-        "dec_seq_packer": _node(
-            "model.preprocessors.flex_seq_packing.BlockWiseSequencePacker",
-            input_list_read_keys=["dec_patches", "dec_quants"],
-            packed_seq_write_key="dec_seq",
-            block_mask_write_key="dec_mask",
-            inner_packed_shapes_write_key="dec_ps_inner",
-            outer_packed_shapes_write_key="dec_ps_outer",
-            mask_mode=config.decoder_attention_mask,
-            pad_to_multiple=128,
+        "dec_noise_patch_emb": _patch_embedder("dec", channels, dec, patch),
+        "dec_patches_posemb_module": _sincos_positions("dec", dec, grid),
+        "dec_seq_packer": _packer(
+            "dec",
+            "dec_quants",
+            config.decoder_attention_mask,
             emb_packing_fn_write_key="dec_emb_packing_fn",
             per_subseq_embs=per_subseq,
         ),
@@ -173,27 +173,18 @@ def reference_config_nodes(config: FlexTokConfig) -> dict:
             dim=dec,
             max_timestep=config.max_timestep,
         ),
-        "dec_transformer": _node(
-            "model.trunks.transformers.FlexTransformer",
-            input_seq_read_key="dec_seq",
-            output_seq_write_key="dec_seq",
-            dim=dec,
-            depth=config.decoder_num_layers,
-            head_dim=config.decoder_head_dim,
-            block_mask_read_key="dec_mask",
+        "dec_transformer": _transformer(
+            "dec",
+            dec,
+            config.decoder_num_layers,
+            config.decoder_head_dim,
             adaLN_emb_read_key="dec_temb",
             adaLN_packing_fn_read_key="dec_emb_packing_fn",
             adaLN_expansion=2 if per_subseq else 1,
             intermediate_layer_write_key="dec_repa",
             intermediate_layers=[0],
         ),
-        "dec_unpacker": _node(
-            "model.postprocessors.seq_unpacking.SequenceUnpacker",
-            packed_seq_read_key="dec_seq",
-            inner_seq_write_keys=["dec_patches", "dec_quants"],
-            inner_packed_shapes_read_key="dec_ps_inner",
-            outer_packed_shapes_read_key="dec_ps_outer",
-        ),
+        "dec_unpacker": _unpacker("dec", "dec_quants"),
         "dec_to_patches": _node(
             "model.postprocessors.heads.ToPatchesLinearHead",
             read_key="dec_patches",
