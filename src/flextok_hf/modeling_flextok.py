@@ -116,6 +116,18 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.T
     return x.reshape(b, channels, h * p, w * p)
 
 
+def embed_patches(
+    latents: torch.Tensor, patch_embed: nn.Linear, position_table: torch.Tensor, patch_size: int
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Latents `[B, C, H, W]` -> patch tokens `[B, h*w, D]` (row-major) plus the fixed positions cropped to the
+    `h x w` patch grid, and that grid size."""
+    dtype = patch_embed.weight.dtype
+    patches = patchify(latents.to(dtype), patch_size)
+    grid_h, grid_w = patches.shape[1:3]
+    positions = position_table[0, :, :grid_h, :grid_w].permute(1, 2, 0).to(dtype)
+    return (patch_embed(patches) + positions).flatten(1, 2), (grid_h, grid_w)
+
+
 def build_attention_mask(mode: str, num_patches: int, num_registers: int, device) -> torch.Tensor | None:
     """Boolean `[N, N]` mask (True = may attend) over one image's `[patches | registers]` sequence.
 
@@ -286,11 +298,8 @@ class FlexTokEncoder(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled VAE latents `[B, C, H/f, W/f]` -> register latents `[B, num_registers, len(fsq_levels)]`."""
-        patches = patchify(latents.to(self.patch_embed.weight.dtype), self.config.patch_size)
-        batch, grid_h, grid_w, _ = patches.shape
-        positions = self.position_table[0, :, :grid_h, :grid_w].permute(1, 2, 0).to(self.patch_embed.weight.dtype)
-        hidden = (self.patch_embed(patches) + positions).flatten(1, 2)
-        hidden = torch.cat([hidden, self.registers.expand(batch, -1, -1)], dim=1)
+        hidden, (grid_h, grid_w) = embed_patches(latents, self.patch_embed, self.position_table, self.config.patch_size)
+        hidden = torch.cat([hidden, self.registers.expand(hidden.shape[0], -1, -1)], dim=1)
         num_patches = grid_h * grid_w
         mask = build_attention_mask(
             self.config.encoder_attention_mask, num_patches, self.config.num_registers, hidden.device
@@ -372,10 +381,9 @@ class FlexTokDecoder(nn.Module):
             null_condition_mask = torch.zeros(batch, dtype=torch.bool, device=device)
         registers = self.embed_registers(codes, keep_k, null_condition_mask)
 
-        patches = patchify(noisy_latents.to(self.patch_embed.weight.dtype), self.config.patch_size)
-        _, grid_h, grid_w, _ = patches.shape
-        positions = self.position_table[0, :, :grid_h, :grid_w].permute(1, 2, 0).to(self.patch_embed.weight.dtype)
-        patches = (self.patch_embed(patches) + positions).flatten(1, 2)
+        patches, (grid_h, grid_w) = embed_patches(
+            noisy_latents, self.patch_embed, self.position_table, self.config.patch_size
+        )
         num_patches = grid_h * grid_w
         hidden = torch.cat([patches, registers], dim=1)
 
