@@ -136,16 +136,13 @@ def _hub_files(repo_id: str, **kwargs) -> tuple[dict, Path, Path] | None:
 
 
 def find_reference_checkpoint(source, **kwargs) -> tuple[dict, Path, Path] | None:
+    """(config nodes, weights file, folder) of a local path or Hub repo in the reference's released format, else
+    None."""
     source = str(source)
     local = _local_files(source)
     if local is not None or os.path.exists(source):
         return local
     return _hub_files(source, **kwargs)
-
-
-def is_reference_checkpoint(source, **kwargs) -> bool:
-    """True for a local path or Hub repo holding a checkpoint in the reference's released format."""
-    return find_reference_checkpoint(source, **kwargs) is not None
 
 
 # ----------------------------------------------------------------------------------------- config mapping
@@ -381,12 +378,9 @@ def convert_state_dict(reference_state: dict, names: dict, config: FlexTokConfig
     return state, unused
 
 
-def load_reference_checkpoint(model_class, source, vae_config=None, **kwargs):
-    """Builds `model_class` (a `FlexTokModel`) from a checkpoint in the reference's format. Honours `torch_dtype`
-    (or `dtype`), `device_map` given as one device, and the Hub download arguments."""
-    found = find_reference_checkpoint(source, **kwargs)
-    if found is None:
-        raise ValueError(f"{source!r} is not a FlexTok checkpoint in the reference format.")
+def load_reference_checkpoint(model_class, source, found: tuple[dict, Path, Path], vae_config=None, **kwargs):
+    """Builds `model_class` (a `FlexTokModel`) from `found`, what `find_reference_checkpoint(source)` returned.
+    Honours `torch_dtype` (or `dtype`) and `device_map` given as one device."""
     nodes, weights_file, folder = found
     config, names = parse_reference_config(nodes, vae_config=vae_config, folder=folder)
     config.name_or_path = str(source)

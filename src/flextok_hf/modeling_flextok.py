@@ -24,7 +24,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_flextok import FlexTokConfig
-from .convert_flextok_checkpoint import is_reference_checkpoint, load_reference_checkpoint
+from .convert_flextok_checkpoint import find_reference_checkpoint, load_reference_checkpoint
 
 # Guidance constants of the released sampler (APG, arXiv 2410.02416).
 APG_MOMENTUM = -0.5
@@ -464,8 +464,9 @@ class FlexTokModel(FlexTokPreTrainedModel):
         metadata). For the released format, `vae_config` (a diffusers config dict, a JSON file or a folder) stands
         in for the VAE repo the checkpoint names; by default it is looked up beside the checkpoint, then on the Hub.
         """
-        if is_reference_checkpoint(pretrained_model_name_or_path, **kwargs):
-            return load_reference_checkpoint(cls, pretrained_model_name_or_path, vae_config=vae_config, **kwargs)
+        reference = find_reference_checkpoint(pretrained_model_name_or_path, **kwargs)
+        if reference is not None:
+            return load_reference_checkpoint(cls, pretrained_model_name_or_path, reference, vae_config, **kwargs)
         if vae_config is not None:
             raise ValueError(
                 f"vae_config only applies to checkpoints in the reference format; {pretrained_model_name_or_path} "
