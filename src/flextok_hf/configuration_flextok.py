@@ -56,6 +56,11 @@ class FlexTokConfig(PretrainedConfig):
         null_condition_prob (`float`): training probability of replacing all registers of an image by the null
             condition (for classifier-free guidance).
         initializer_range (`float`): std of the truncated-normal init of learned tokens and embeddings.
+        repa_layer (`int`, *optional*): index of the decoder block whose patch outputs REPA aligns with a frozen
+            vision encoder's features in training; `None` (default) builds no REPA projector.
+        repa_feature_size (`int`): feature size of that vision encoder (e.g. 768 for DINOv2-B).
+        repa_projector_hidden_size (`int`): hidden width of the REPA projection MLP.
+        repa_loss_weight (`float`): weight of the REPA loss in the training loss.
     """
 
     model_type = "flextok"
@@ -88,6 +93,10 @@ class FlexTokConfig(PretrainedConfig):
         nested_dropout_mode: str = "pow2",
         null_condition_prob: float = 0.2,
         initializer_range: float = 0.02,
+        repa_layer: int | None = None,
+        repa_feature_size: int = 768,
+        repa_projector_hidden_size: int = 2048,
+        repa_loss_weight: float = 1.0,
         **kwargs,
     ):
         self.vae_config = dict(vae_config if vae_config is not None else DEFAULT_VAE_CONFIG)
@@ -118,6 +127,10 @@ class FlexTokConfig(PretrainedConfig):
         self.nested_dropout_mode = nested_dropout_mode
         self.null_condition_prob = null_condition_prob
         self.initializer_range = initializer_range
+        self.repa_layer = repa_layer
+        self.repa_feature_size = repa_feature_size
+        self.repa_projector_hidden_size = repa_projector_hidden_size
+        self.repa_loss_weight = repa_loss_weight
         super().__init__(**kwargs)
         self._validate()
 
@@ -139,6 +152,10 @@ class FlexTokConfig(PretrainedConfig):
                 raise ValueError(
                     f"{part}_hidden_size ({hidden}) must be a multiple of {part}_head_dim ({head}) and of 4."
                 )
+        if self.repa_layer is not None and not 0 <= self.repa_layer < self.decoder_num_layers:
+            raise ValueError(
+                f"repa_layer must index a decoder block in [0, {self.decoder_num_layers}), got {self.repa_layer}."
+            )
         largest = self.max_grid_size * self.image_multiple
         if self.image_size % self.image_multiple != 0 or self.image_size > largest:
             raise ValueError(

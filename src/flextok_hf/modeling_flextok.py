@@ -66,7 +66,10 @@ class FlexTokDecoderOutput(ModelOutput):
 class FlexTokOutput(ModelOutput):
     """
     Args:
-        loss (`torch.FloatTensor` of shape `()`): rectified-flow MSE between predicted and target velocity.
+        loss (`torch.FloatTensor` of shape `()`): `flow_loss + config.repa_loss_weight * repa_loss` (the flow loss
+            alone without REPA).
+        flow_loss (`torch.FloatTensor` of shape `()`): rectified-flow MSE between predicted and target velocity.
+        repa_loss (`torch.FloatTensor` of shape `()`, *optional*): REPA alignment loss, when target features are given.
         token_ids (`torch.LongTensor` of shape `(batch_size, num_registers)`): token ids of the input images.
         predicted_velocity, target_velocity, noisy_latents (`torch.FloatTensor` of the latent shape): the decoder's
             prediction, its target `noise - latents`, and its input `sigma * noise + (1 - sigma) * latents`.
@@ -75,6 +78,8 @@ class FlexTokOutput(ModelOutput):
     """
 
     loss: torch.FloatTensor | None = None
+    flow_loss: torch.FloatTensor | None = None
+    repa_loss: torch.FloatTensor | None = None
     token_ids: torch.LongTensor | None = None
     predicted_velocity: torch.FloatTensor | None = None
     target_velocity: torch.FloatTensor | None = None
@@ -360,7 +365,8 @@ class FlexTokDecoder(nn.Module):
         codes: torch.Tensor,
         keep_k: torch.LongTensor | None = None,
         null_condition_mask: torch.BoolTensor | None = None,
-    ) -> torch.Tensor:
+        output_hidden_states: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """
         Args:
             noisy_latents (`[B, C, H/f, W/f]`): x_t = t * noise + (1 - t) * latents.
@@ -369,9 +375,11 @@ class FlexTokDecoder(nn.Module):
             keep_k (`[B]`, *optional*): registers kept per image; the rest become the mask token. Default: all.
             null_condition_mask (`[B]` bool, *optional*): images whose registers are replaced by the null
                 condition (the unconditional branch of guidance). Default: none.
+            output_hidden_states (`bool`): also return the output of every block, `[B, h*w + K, D]` each.
 
         Returns:
-            `torch.FloatTensor` `[B, C, H/f, W/f]`: the predicted velocity `noise - latents`.
+            `torch.FloatTensor` `[B, C, H/f, W/f]`: the predicted velocity `noise - latents`; with
+            `output_hidden_states`, the tuple `(velocity, hidden_states)`.
         """
         batch, num_registers = codes.shape[:2]
         device = noisy_latents.device
@@ -392,13 +400,48 @@ class FlexTokDecoder(nn.Module):
         if self.num_segments == 2:
             segment_ids[num_patches:] = 1
         mask = build_attention_mask(self.config.decoder_attention_mask, num_patches, num_registers, device)
+        hidden_states = []
         for block in self.blocks:
             hidden = block(hidden, time_embedding, segment_ids, mask)
+            hidden_states.append(hidden)
 
         shift, scale = self.output_adaln_modulation(F.silu(time_embedding))[:, None].chunk(2, dim=-1)
         patches = layer_norm_fp32(hidden[:, :num_patches]) * (1 + scale) + shift
         patches = self.output_proj(patches).view(batch, grid_h, grid_w, -1)
-        return unpatchify(patches, self.config.patch_size, self.config.latent_channels)
+        velocity = unpatchify(patches, self.config.patch_size, self.config.latent_channels)
+        return (velocity, tuple(hidden_states)) if output_hidden_states else velocity
+
+
+class FlexTokREPAProjector(nn.Module):
+    """REPA head (arXiv 2410.06940): an MLP from decoder patch tokens to the feature space of a frozen vision
+    encoder, whose features the training loss aligns them with. Used in training only."""
+
+    def __init__(self, hidden_size: int, projector_hidden_size: int, feature_size: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(hidden_size, projector_hidden_size)
+        self.linear_2 = nn.Linear(projector_hidden_size, projector_hidden_size)
+        self.linear_3 = nn.Linear(projector_hidden_size, feature_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.linear_3(F.silu(self.linear_2(F.silu(self.linear_1(hidden_states)))))
+
+
+def repa_alignment_loss(
+    projections: torch.Tensor, target_features: torch.Tensor, grid: tuple[int, int]
+) -> torch.Tensor:
+    """`1 - cosine similarity` between projected decoder patch tokens `[B, h*w, F]` (row-major over `grid`) and
+    vision-encoder patch features `[B, N, F]` of a square `sqrt(N) x sqrt(N)` grid, bilinearly resized to `grid`
+    when the two grids differ. Averaged over patches and images."""
+    batch, num_features, feature_size = target_features.shape
+    side = math.isqrt(num_features)
+    if side * side != num_features:
+        raise ValueError(f"repa_target_features must hold a square grid of patch features, got {num_features}.")
+    if (side, side) != tuple(grid):
+        square = target_features.transpose(1, 2).reshape(batch, feature_size, side, side)
+        square = F.interpolate(square.float(), size=grid, mode="bilinear", align_corners=False)
+        target_features = square.flatten(2).transpose(1, 2)
+    similarity = F.cosine_similarity(projections.float(), target_features.float(), dim=-1)
+    return 1 - similarity.mean()
 
 
 class FlexTokPreTrainedModel(PreTrainedModel):
@@ -454,6 +497,13 @@ class FlexTokModel(FlexTokPreTrainedModel):
         self.encoder = FlexTokEncoder(config)
         self.quantizer = FSQuantizer(config.fsq_levels)
         self.decoder = FlexTokDecoder(config)
+        self.repa_projector = (
+            FlexTokREPAProjector(
+                config.decoder_hidden_size, config.repa_projector_hidden_size, config.repa_feature_size
+            )
+            if config.repa_layer is not None
+            else None
+        )
         self.image_processor = VaeImageProcessor(vae_scale_factor=config.vae_downsample_factor)
         self.post_init()
 
@@ -476,13 +526,17 @@ class FlexTokModel(FlexTokPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------- input checks
 
-    def check_images(self, images: torch.Tensor):
+    def check_image_shape(self, images: torch.Tensor):
+        """Shape and dtype only: no look at the values, so no host synchronisation (safe inside `forward`)."""
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a tensor [B, 3, H, W] in [-1, 1], got {shape}.")
         if not images.is_floating_point():
             raise ValueError(f"images must be a floating-point tensor in [-1, 1], got dtype {images.dtype}.")
         self.check_image_size(images.shape[2], images.shape[3])
+
+    def check_images(self, images: torch.Tensor):
+        self.check_image_shape(images)
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or infinite values; expected finite values in [-1, 1].")
         low, high = images.min().item(), images.max().item()
@@ -528,15 +582,17 @@ class FlexTokModel(FlexTokPreTrainedModel):
         return padded, torch.tensor(lengths, device=self.device)
 
     def check_training_inputs(self, batch, latent_shape, noise, sigmas, keep_k, null_condition_mask):
+        """Shapes and dtypes of `forward`'s optional inputs. Values are not checked: that would synchronise with the
+        device every step (and break `torch.compile` graphs)."""
         if noise is not None and tuple(noise.shape) != tuple(latent_shape):
             raise ValueError(f"noise must have the latents' shape {tuple(latent_shape)}, got {tuple(noise.shape)}.")
-        if sigmas is not None and (sigmas.shape != (batch,) or sigmas.min() < 0 or sigmas.max() > 1):
-            raise ValueError(f"sigmas must be [{batch}] values in [0, 1], got {sigmas.tolist()}.")
-        num_registers = self.config.num_registers
+        if sigmas is not None and (sigmas.shape != (batch,) or not sigmas.is_floating_point()):
+            raise ValueError(f"sigmas must be a float tensor [{batch}] of values in [0, 1], got {sigmas.shape}.")
         if keep_k is not None and (
-            keep_k.shape != (batch,) or keep_k.is_floating_point() or keep_k.min() < 1 or keep_k.max() > num_registers
+            keep_k.shape != (batch,) or keep_k.is_floating_point() or keep_k.dtype == torch.bool
         ):
-            raise ValueError(f"keep_k must be [{batch}] integers in [1, {num_registers}], got {keep_k.tolist()}.")
+            num_registers = self.config.num_registers
+            raise ValueError(f"keep_k must be [{batch}] integers in [1, {num_registers}], got {keep_k}.")
         if null_condition_mask is not None and (
             null_condition_mask.shape != (batch,) or null_condition_mask.dtype != torch.bool
         ):
@@ -565,7 +621,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
         self.check_images(images)
         with torch.no_grad():
             latents = self.encode_latents(images)
-        codes, token_ids = self.quantizer(self.encoder(latents))
+            codes, token_ids = self.quantizer(self.encoder(latents))
         if return_dict:
             return FlexTokEncoderOutput(token_ids=token_ids, codes=codes, latents=latents)
         return token_ids
@@ -732,30 +788,50 @@ class FlexTokModel(FlexTokPreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         sigmas: torch.Tensor | None = None,
         keep_k: torch.LongTensor | None = None,
         null_condition_mask: torch.BoolTensor | None = None,
+        repa_target_features: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> FlexTokOutput | tuple:
-        """Rectified-flow training loss with nested dropout.
+        """Rectified-flow training loss with nested dropout (and REPA when configured).
+
+        Only shapes and dtypes are checked here, never values, so the step runs without host synchronisation and
+        compiles as one graph (`torch.compile(model.forward, fullgraph=True)`).
 
         Args:
-            pixel_values (`[B, 3, H, W]` in [-1, 1]): images.
+            pixel_values (`[B, 3, H, W]` in [-1, 1], *optional*): images, encoded by the frozen VAE.
+            latents (`[B, C, H/f, W/f]`, *optional*): precomputed scaled VAE latents instead of `pixel_values`.
             noise (`[B, C, H/f, W/f]`, *optional*): Gaussian noise; drawn if not given.
-            sigmas (`[B]`, *optional*): noise levels; default logit-normal, `sigmoid(N(0, 1))`.
-            keep_k (`[B]`, *optional*): registers kept; in training sampled per `config.nested_dropout_mode`,
-                in eval mode all are kept.
+            sigmas (`[B]`, *optional*): noise levels in [0, 1]; default logit-normal, `sigmoid(N(0, 1))`.
+            keep_k (`[B]`, *optional*): registers kept, in [1, num_registers]; in training sampled per
+                `config.nested_dropout_mode`, in eval mode all are kept.
             null_condition_mask (`[B]` bool, *optional*): images trained unconditionally; in training each with
                 probability `config.null_condition_prob`, in eval mode none.
+            repa_target_features (`[B, N, config.repa_feature_size]`, *optional*): patch features of a frozen vision
+                encoder (N a square number) for the REPA loss; needs `config.repa_layer`.
 
         Returns:
-            [`FlexTokOutput`] with `loss = mean((decoder(x_t, sigma) - (noise - latents))^2)`.
+            [`FlexTokOutput`] with `flow_loss = mean((decoder(x_t, sigma) - (noise - latents))^2)` and
+            `loss = flow_loss + config.repa_loss_weight * repa_loss`.
         """
-        self.check_images(pixel_values)
-        with torch.no_grad():
-            latents = self.encode_latents(pixel_values).float()
+        if (pixel_values is None) == (latents is None):
+            raise ValueError("Pass exactly one of pixel_values (images) or latents (scaled VAE latents).")
+        if latents is None:
+            self.check_image_shape(pixel_values)
+            with torch.no_grad():
+                latents = self.encode_latents(pixel_values)
+        elif latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
+            raise ValueError(
+                f"latents must be [B, {self.config.latent_channels}, H/f, W/f] scaled VAE latents, got "
+                f"{tuple(latents.shape)}."
+            )
+        if repa_target_features is not None and self.repa_projector is None:
+            raise ValueError("repa_target_features needs a model with a REPA projector (set config.repa_layer).")
+        latents = latents.to(self.device, torch.float32)
         codes, token_ids = self.quantizer(self.encoder(latents))
 
         batch, device = latents.shape[0], latents.device
@@ -771,10 +847,20 @@ class FlexTokModel(FlexTokPreTrainedModel):
         sigma = sigmas.view(-1, 1, 1, 1)
         noisy_latents = sigma * noise + (1 - sigma) * latents
         target = noise - latents
-        predicted = self.decoder(noisy_latents, sigmas, codes, keep_k, null_condition_mask)
-        loss = F.mse_loss(predicted.float(), target)
+        predicted, hidden_states = self.decoder(
+            noisy_latents, sigmas, codes, keep_k, null_condition_mask, output_hidden_states=True
+        )
+        flow_loss = F.mse_loss(predicted.float(), target)
+        loss, repa_loss = flow_loss, None
+        if repa_target_features is not None:
+            grid = (latents.shape[2] // self.config.patch_size, latents.shape[3] // self.config.patch_size)
+            patch_tokens = hidden_states[self.config.repa_layer][:, : grid[0] * grid[1]]
+            repa_loss = repa_alignment_loss(self.repa_projector(patch_tokens), repa_target_features.to(device), grid)
+            loss = flow_loss + self.config.repa_loss_weight * repa_loss
         output = FlexTokOutput(
             loss=loss,
+            flow_loss=flow_loss,
+            repa_loss=repa_loss,
             token_ids=token_ids,
             predicted_velocity=predicted,
             target_velocity=target,

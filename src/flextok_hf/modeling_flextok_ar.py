@@ -169,7 +169,9 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
 
         self.post_init()
 
-    def _check_image_tokens(self, token_ids: torch.Tensor, name: str, allow_ignore_index: bool = False) -> None:
+    def _check_image_tokens(
+        self, token_ids: torch.Tensor, name: str, allow_ignore_index: bool = False, check_values: bool = True
+    ) -> None:
         vocab_size = self.config.vocab_size
         if token_ids.dim() != 2 or token_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(
@@ -180,6 +182,8 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                 f"{name} must hold 1 to max_position_embeddings={self.config.max_position_embeddings} tokens per "
                 f"image, got {token_ids.shape[1]}."
             )
+        if not check_values:
+            return
         in_vocab = (token_ids >= 0) & (token_ids < vocab_size)
         if allow_ignore_index:
             in_vocab |= token_ids == -100
@@ -190,7 +194,12 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
             )
 
     def _check_text_states(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, prefix: str, empty_hint: str
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        prefix: str,
+        empty_hint: str,
+        check_values: bool = True,
     ) -> int:
         """Validates text encoder states named `{prefix}hidden_states` and their mask; returns the batch size."""
         if hidden_states.dim() != 3 or hidden_states.shape[1] == 0:
@@ -209,7 +218,7 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                     f"{prefix}attention_mask must have shape {tuple(hidden_states.shape[:2])} [batch, text_length], "
                     f"got {tuple(attention_mask.shape)}."
                 )
-            if not bool(attention_mask.bool().any(dim=1).all()):
+            if check_values and not bool(attention_mask.bool().any(dim=1).all()):
                 raise ValueError(
                     f"Every sample needs at least one unmasked text token in {prefix}attention_mask; {empty_hint}."
                 )
@@ -221,8 +230,10 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         encoder_hidden_states: torch.Tensor | None,
         encoder_attention_mask: torch.Tensor | None,
         drop_condition: torch.BoolTensor | None,
+        check_values: bool = True,
     ) -> int:
-        """Validates the conditioning arguments for this model's mode and returns the batch size."""
+        """Validates the conditioning arguments for this model's mode and returns the batch size. Without
+        `check_values` only shapes and dtypes are checked, which needs no host synchronisation (training)."""
         if class_labels is not None and encoder_hidden_states is not None:
             raise ValueError("Pass either class_labels or encoder_hidden_states, not both.")
         if self.config.is_text_conditional:
@@ -236,6 +247,7 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                 encoder_attention_mask,
                 "encoder_",
                 "use drop_condition for the unconditional (null text) branch",
+                check_values,
             )
         else:
             if class_labels is None:
@@ -250,7 +262,7 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                     "class_labels must be an integer tensor [batch], got "
                     f"{class_labels.dtype} {tuple(class_labels.shape)}."
                 )
-            if not bool(((class_labels >= 0) & (class_labels < self.config.num_classes)).all()):
+            if check_values and not bool(((class_labels >= 0) & (class_labels < self.config.num_classes)).all()):
                 raise ValueError(
                     f"class_labels must lie in [0, {self.config.num_classes}), got values from "
                     f"{class_labels.min().item()} to {class_labels.max().item()}; use drop_condition for the null "
@@ -379,8 +391,11 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
             [`CausalLMOutput`] with `logits` `[batch, num_tokens, vocab_size]`, where `logits[:, i]` predicts token i
             from the condition and tokens < i, and `loss`, the mean cross-entropy, when `labels` is given.
         """
-        self._check_image_tokens(input_ids, "input_ids")
-        batch_size = self._check_condition(class_labels, encoder_hidden_states, encoder_attention_mask, drop_condition)
+        # Shapes and dtypes only: value checks would synchronise with the device every training step.
+        self._check_image_tokens(input_ids, "input_ids", check_values=False)
+        batch_size = self._check_condition(
+            class_labels, encoder_hidden_states, encoder_attention_mask, drop_condition, check_values=False
+        )
         if input_ids.shape[0] != batch_size:
             raise ValueError(f"input_ids has batch size {input_ids.shape[0]} but the condition has {batch_size}.")
         if labels is not None:
@@ -388,7 +403,7 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                 raise ValueError(
                     f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}."
                 )
-            self._check_image_tokens(labels, "labels", allow_ignore_index=True)
+            self._check_image_tokens(labels, "labels", allow_ignore_index=True, check_values=False)
 
         if self.training:
             if self.config.is_text_conditional:
