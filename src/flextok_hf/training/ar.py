@@ -1,0 +1,114 @@
+"""Stage 2: the autoregressive generator over FlexTok tokens, class- or text-conditional."""
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import load_dataset
+from datasets.distributed import split_dataset_by_node
+from transformers import AutoModel, AutoTokenizer
+
+from ..configuration_flextok_ar import FlexTokARConfig
+from ..modeling_flextok_ar import FlexTokARModel
+from .config import TrainingConfig
+
+
+@dataclass
+class ARTrainingConfig(TrainingConfig):
+    """Train a FlexTok AR generator on pre-tokenised data (`training/pretokenize.py`).
+
+    `token_data` is the folder of parquet shards that pretokenize.py wrote. `model` holds `FlexTokARConfig`
+    arguments (its `vocab_size` must be the tokenizer's codebook size); `pretrained_model_name_or_path` resumes from
+    a saved generator instead. A text-conditional model (`model.text_hidden_size` set) needs
+    `text_encoder_name_or_path` (any transformers text encoder and its tokenizer) and captions in the data.
+    `tokenizer_name_or_path` names the FlexTok tokenizer for `export_pipeline`.
+    """
+
+    model: dict[str, Any] = field(default_factory=dict)
+    pretrained_model_name_or_path: str | None = None
+    token_data: str | None = None
+    use_flipped_tokens: bool = True
+    text_encoder_name_or_path: str | None = None
+    text_max_length: int = 77
+    tokenizer_name_or_path: str | None = None
+    export_pipeline: bool = False
+    learning_rate: float = 3e-4
+    adam_beta2: float = 0.95
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.token_data is None:
+            raise ValueError("token_data must name the folder of parquet shards written by training/pretokenize.py.")
+        if self.export_pipeline and not self.tokenizer_name_or_path:
+            raise ValueError("export_pipeline needs tokenizer_name_or_path (the FlexTok tokenizer of the tokens).")
+
+
+def build_ar_model(config: ARTrainingConfig) -> FlexTokARModel:
+    if config.pretrained_model_name_or_path:
+        model = FlexTokARModel.from_pretrained(config.pretrained_model_name_or_path)
+    else:
+        model = FlexTokARModel(FlexTokARConfig(**config.model))
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.train()
+
+
+def build_token_stream(config: ARTrainingConfig, rank: int, world_size: int):
+    """This rank's share of the pre-tokenised shards as a resumable stream, and its collate function.
+    With `use_flipped_tokens`, each example's mirrored ids replace its ids for half of the examples, chosen by a
+    hash of the seed and the example's key, so that a resumed run chooses the same."""
+    files = sorted(str(p) for p in Path(config.token_data).glob("shard-*.parquet"))
+    if not files:
+        raise ValueError(f"No shard-*.parquet files in {config.token_data}: run training/pretokenize.py first.")
+    dataset = load_dataset("parquet", data_files=files, split="train", streaming=True)
+    dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    use_flipped = config.use_flipped_tokens and "token_ids_flipped" in dataset.column_names
+
+    def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = []
+        for example in examples:
+            flipped = use_flipped and zlib.crc32(f"{config.seed}:{example.get('key')}".encode()) % 2 == 1
+            ids.append(example["token_ids_flipped" if flipped else "token_ids"])
+        batch = {"input_ids": torch.tensor(ids, dtype=torch.long)}
+        if "label" in examples[0]:
+            batch["class_labels"] = torch.tensor([example["label"] for example in examples], dtype=torch.long)
+        if "caption" in examples[0]:
+            batch["captions"] = [example["caption"] for example in examples]
+        return batch
+
+    return dataset, collate
+
+
+def ar_loss_function(config: ARTrainingConfig, model_config: FlexTokARConfig, device: torch.device):
+    """`(model, batch) -> (loss, logs)`; captions go through the frozen text encoder on the fly."""
+    text_encoder = tokenizer = None
+    if model_config.is_text_conditional:
+        if not config.text_encoder_name_or_path:
+            raise ValueError("A text-conditional model needs text_encoder_name_or_path.")
+        tokenizer = AutoTokenizer.from_pretrained(config.text_encoder_name_or_path)
+        text_encoder = AutoModel.from_pretrained(config.text_encoder_name_or_path).to(device).eval()
+        text_encoder.requires_grad_(False)
+    num_tokens = model_config.max_position_embeddings
+
+    def compute_loss(model, batch):
+        input_ids = batch["input_ids"][:, :num_tokens].to(device, non_blocking=True)
+        condition = {}
+        if text_encoder is not None:
+            text = tokenizer(
+                batch["captions"],
+                padding=True,
+                truncation=True,
+                max_length=config.text_max_length,
+                return_tensors="pt",
+            ).to(device)
+            with torch.no_grad():
+                condition["encoder_hidden_states"] = text_encoder(**text).last_hidden_state
+            condition["encoder_attention_mask"] = text.attention_mask
+        else:
+            condition["class_labels"] = batch["class_labels"].to(device, non_blocking=True)
+        output = model(input_ids=input_ids, labels=input_ids, **condition)
+        return output.loss, {}
+
+    return compute_loss

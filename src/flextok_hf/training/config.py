@@ -1,0 +1,127 @@
+"""Training configurations: one dataclass per stage, filled from a YAML file and `--key value` overrides."""
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class TrainingConfig:
+    """What every training script shares: data, optimisation, precision, checkpoints, logging and export.
+
+    Batch sizes are per process; the global batch is `train_batch_size * gradient_accumulation_steps * processes`.
+    """
+
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    # Data: a folder of images, a glob of webdataset .tar shards or .parquet files, or a Hub dataset name.
+    train_data: str | None = None
+    dataset_split: str = "train"
+    image_column: str | None = None
+    label_column: str | None = None
+    caption_column: str | None = None
+    resolution: int = 256
+    random_crop: bool = False
+    random_flip: bool = True
+    min_image_size: int = 0
+    shuffle_buffer_size: int = 0
+    dataloader_num_workers: int = 0
+    # Optimisation.
+    train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 1000
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 100
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_weight_decay: float = 0.05
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    # Speed and memory.
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    cpu: bool = False
+    # Exponential moving average of the weights; the EMA weights are what gets exported.
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    # Checkpoints, logging, export.
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 3
+    resume_from_checkpoint: str | None = None
+    logging_steps: int = 10
+    report_to: str | None = "tensorboard"
+    tracker_project_name: str = "flextok-hf"
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private: bool = False
+
+    def __post_init__(self):
+        positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("push_to_hub needs hub_model_id (e.g. 'your-name/flextok-d12-d12').")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_config(config_class: type[TrainingConfig], argv: list[str] | None = None) -> TrainingConfig:
+    """`--config file.yaml` then any `--key value` overrides (values parsed as YAML: `--compile true`,
+    `--model '{decoder_num_layers: 6}'`); unknown keys are an error that lists the valid ones."""
+    parser = argparse.ArgumentParser(description=config_class.__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, help="YAML file with the run's settings")
+    args, overrides = parser.parse_known_args(argv)
+    values = yaml.safe_load(args.config.read_text()) if args.config else {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{args.config} must hold a mapping of settings, got {type(values).__name__}.")
+    values = dict(values)
+    names = {f.name for f in dataclasses.fields(config_class)}
+    if len(overrides) % 2:
+        parser.error(f"overrides come in '--key value' pairs, got {overrides}")
+    for key, value in zip(overrides[::2], overrides[1::2], strict=True):
+        if not key.startswith("--"):
+            parser.error(f"expected an option '--key', got {key!r}")
+        values[key[2:].replace("-", "_")] = yaml.safe_load(value)
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"Unknown settings {unknown}; {config_class.__name__} takes {sorted(names)}.")
+    types = {f.name: f.type for f in dataclasses.fields(config_class)}
+    return config_class(**{name: checked_value(name, value, types[name]) for name, value in values.items()})
+
+
+def checked_value(name: str, value: Any, annotation: Any) -> Any:
+    """`value` as the field's type: numbers written as strings are converted (YAML reads `2e-4` as a string),
+    anything else of the wrong type is an error naming the setting."""
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    allowed = tuple(typing.get_origin(t) or t for t in (typing.get_args(annotation) if is_union else (annotation,)))
+    if isinstance(value, str) and str not in allowed:
+        for number in (int, float):
+            if number in allowed:
+                try:
+                    return number(value)
+                except ValueError:
+                    pass
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        expected = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(f"Setting {name} must be {expected}, got {value!r}.")
+    return value
+
+
+def save_config(config: TrainingConfig, path: Path):
+    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")

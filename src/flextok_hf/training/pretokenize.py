@@ -1,0 +1,90 @@
+"""Pre-tokenisation for stage 2: images -> FlexTok token ids, written as parquet shards that `datasets` loads.
+
+Each shard `shard-<index>.parquet` holds `shard_size` rows: `token_ids` (the tokenizer's `num_registers` ids, uint16
+when the vocabulary fits, else int32), `label` and/or `caption` when the source has them, `key` (the source id),
+and `token_ids_flipped` (the ids of the mirrored image) with `flip=True`. A shard is written under a temporary name
+and renamed when complete, so a killed run keeps its finished shards and resumes after them.
+"""
+
+import itertools
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from ..modeling_flextok import FlexTokModel
+
+SHARD_PATTERN = "shard-{:05d}.parquet"
+
+
+def completed_shards(output_dir: str | os.PathLike) -> list[Path]:
+    return sorted(Path(output_dir).glob("shard-*.parquet"))
+
+
+def token_dtype(vocab_size: int) -> pa.DataType:
+    return pa.uint16() if vocab_size <= 2**16 else pa.int32()
+
+
+def batched(examples: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    iterator = iter(examples)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+@torch.no_grad()
+def pretokenize(
+    model: FlexTokModel,
+    examples: Iterable[dict[str, Any]],
+    output_dir: str | os.PathLike,
+    shard_size: int = 4096,
+    batch_size: int = 64,
+    flip: bool = False,
+    max_examples: int | None = None,
+) -> list[Path]:
+    """Tokenizes `examples` (dicts with `pixel_values` `[3, H, W]` in [-1, 1] and optional `label`, `caption`,
+    `key`) into parquet shards in `output_dir`, skipping the examples of shards already there (resume).
+    Returns every shard of the dataset."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if shard_size % batch_size:
+        raise ValueError(f"shard_size ({shard_size}) must be a multiple of batch_size ({batch_size}).")
+    done = len(completed_shards(output_dir))
+    start = done * shard_size
+    examples = itertools.islice(examples, start, max_examples)
+    ids_type = token_dtype(model.config.codebook_size)
+    rows: list[dict[str, Any]] = []
+    total = None if max_examples is None else max(max_examples - start, 0)
+    progress = tqdm(total=total, desc="Tokenizing", unit="img")
+    shard_index = done
+    for batch in batched(examples, batch_size):
+        images = torch.stack([example["pixel_values"] for example in batch]).to(model.device, model.dtype)
+        token_ids = model.encode(images).cpu()
+        flipped = model.encode(images.flip(-1)).cpu() if flip else None
+        for i, example in enumerate(batch):
+            row = {key: example[key] for key in ("label", "caption", "key") if key in example}
+            row["token_ids"] = token_ids[i].tolist()
+            if flipped is not None:
+                row["token_ids_flipped"] = flipped[i].tolist()
+            rows.append(row)
+        progress.update(len(batch))
+        if len(rows) == shard_size:
+            write_shard(rows, output_dir / SHARD_PATTERN.format(shard_index), ids_type)
+            rows, shard_index = [], shard_index + 1
+    if rows:
+        write_shard(rows, output_dir / SHARD_PATTERN.format(shard_index), ids_type)
+    progress.close()
+    return completed_shards(output_dir)
+
+
+def write_shard(rows: list[dict[str, Any]], path: Path, ids_type: pa.DataType):
+    columns = {name: [row[name] for row in rows] for name in rows[0]}
+    fields = {name: pa.list_(ids_type) if name.startswith("token_ids") else None for name in columns}
+    table = pa.table({name: pa.array(values, type=fields[name]) for name, values in columns.items()})
+    temporary = path.with_name(f".tmp-{path.name}")
+    pq.write_table(table, temporary)
+    os.replace(temporary, path)

@@ -1,0 +1,209 @@
+"""The training loop every stage shares, on accelerate: one process, DDP or FSDP from the same code.
+
+A stage supplies the model, a loss function and a data stream; this module does the rest (optimiser and schedule,
+mixed precision, gradient accumulation and clipping, EMA, checkpoints and resume, trackers, progress bar, export).
+"""
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+
+from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import TrainingConfig, save_config
+
+logger = get_logger(__name__)
+
+LossFunction = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
+
+
+@dataclass
+class TrainingResult:
+    """What a finished run leaves: the exported model folder, the last step and the last logged losses."""
+
+    model_dir: Path | None
+    step: int
+    last_logs: dict[str, float]
+
+
+def build_accelerator(config: TrainingConfig) -> Accelerator:
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        cpu=config.cpu,
+        log_with=config.report_to,
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
+    )
+    # Each rank draws its own noise and augmentations; resume restores every rank's generators.
+    set_seed(config.seed, device_specific=True)
+    return accelerator
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def batches(dataset: IterableDataset, config: TrainingConfig, collate_fn) -> Iterator[dict[str, Any]]:
+    """Endless batches, epoch after epoch. The DataLoader reads in this process (workers would read ahead of the
+    step, and the stream position saved with a checkpoint would then be wrong)."""
+    epoch = 0
+    while True:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        yielded = False
+        for batch in DataLoader(dataset, batch_size=config.train_batch_size, collate_fn=collate_fn):
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError(f"The training data {config.train_data!r} yielded no usable example.")
+        epoch += 1
+
+
+def train(
+    config: TrainingConfig,
+    accelerator: Accelerator,
+    model: nn.Module,
+    compute_loss: LossFunction,
+    dataset: IterableDataset,
+    collate_fn: Callable,
+    export: Callable[[nn.Module, Path, dict[str, float]], None],
+    data_stats: Any = None,
+) -> TrainingResult:
+    """Trains `model` on `dataset` for `config.max_train_steps` optimiser steps.
+
+    Args:
+        compute_loss: `(model, batch) -> (loss, logs)`; the batch is what `collate_fn` returns, still on the CPU.
+        dataset: this rank's share of the stream (`datasets.distributed.split_dataset_by_node`); its
+            `state_dict()` / `load_state_dict()`, when present, save and restore the stream position.
+        export: `(unwrapped model with the final (EMA) weights, folder, last logged metrics)`, called on the main
+            process at the end; writes the model there with `save_pretrained` (and a model card).
+        data_stats: an object with `as_dict()` (counts of skipped images), logged with the losses.
+
+    Returns:
+        [`TrainingResult`].
+    """
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "training_config.json")
+    parameters = trainable_parameters(model)
+    if not parameters:
+        raise ValueError("The model has no trainable parameters: check the freeze options.")
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    # accelerate steps a prepared scheduler once per process for every optimiser step, as in diffusers' examples.
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_train_steps * accelerator.num_processes,
+    )
+    if config.compile:
+        model.compile()
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(trainable_parameters(model), decay=config.ema_decay, use_ema_warmup=config.ema_warmup)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    step = 0
+    checkpoint = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        step = state["step"]
+        if hasattr(dataset, "load_state_dict") and state.get("data_state") is not None:
+            dataset.load_state_dict(state["data_state"][accelerator.process_index])
+        logger.info(f"Resumed from {checkpoint} at step {step}")
+
+    if accelerator.is_main_process and config.report_to:
+        accelerator.init_trackers(config.tracker_project_name, config={k: str(v) for k, v in config.to_dict().items()})
+    logger.info(
+        f"Training {sum(p.numel() for p in parameters) / 1e6:.2f}M parameters for {config.max_train_steps} steps, "
+        f"global batch {config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes}"
+    )
+    progress = tqdm(
+        total=config.max_train_steps, initial=step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    stream = batches(dataset, config, collate_fn)
+    last_logs: dict[str, float] = {}
+    while step < config.max_train_steps:
+        for _ in range(config.gradient_accumulation_steps):
+            batch = next(stream)
+            with accelerator.accumulate(model):
+                loss, logs = compute_loss(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(trainable_parameters(model))
+        step += 1
+        progress.update(1)
+
+        if step % config.logging_steps == 0 or step == config.max_train_steps:
+            logs = {"loss": loss.detach(), **logs, "grad_norm": grad_norm}
+            last_logs = {
+                k: accelerator.reduce(torch.as_tensor(v, device=accelerator.device).float(), "mean").item()
+                for k, v in logs.items()
+            }
+            last_logs["lr"] = lr_scheduler.get_last_lr()[0]
+            if data_stats is not None:
+                last_logs.update(data_stats.as_dict())
+            accelerator.log(last_logs, step=step)
+            progress.set_postfix(loss=f"{last_logs['loss']:.4f}")
+        if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
+            data_state = dataset.state_dict() if hasattr(dataset, "state_dict") else None
+            save_checkpoint(
+                accelerator,
+                output_dir,
+                step,
+                {"data_state": gather_objects(accelerator, data_state)},
+                config.checkpoints_total_limit,
+            )
+    progress.close()
+
+    model_dir = None
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.copy_to(trainable_parameters(unwrapped))
+    if accelerator.is_main_process:
+        model_dir = export_atomically(output_dir / "model", lambda folder: export(unwrapped, folder, last_logs))
+    accelerator.end_training()
+    return TrainingResult(model_dir=model_dir, step=step, last_logs=last_logs)
+
+
+def gather_objects(accelerator: Accelerator, value: Any) -> list[Any]:
+    """One entry per rank (every rank's stream position goes into the checkpoint)."""
+    return [value] if accelerator.num_processes == 1 else gather_object([value])
+
+
+def export_atomically(folder: Path, write: Callable[[Path], None]) -> Path:
+    """Lets `write` fill a folder beside `folder`, then swaps it in, so `folder` is always complete."""
+    temporary = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    write(temporary)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(temporary, folder)
+    return folder

@@ -1,0 +1,74 @@
+"""The shared training machinery: configs, atomic checkpoints, the loop's optimiser/EMA/resume logic."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from accelerate import Accelerator
+
+from flextok_hf.training.checkpointing import (
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from flextok_hf.training.config import parse_config
+from flextok_hf.training.tokenizer import TokenizerTrainingConfig
+
+
+def test_config_from_yaml_with_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"learning_rate": 1e-3, "model": {"num_registers": 8}, "report_to": None}))
+    config = parse_config(
+        TokenizerTrainingConfig, ["--config", str(path), "--learning_rate", "2e-4", "--model", "{num_registers: 16}"]
+    )
+    assert config.learning_rate == 2e-4 and config.model == {"num_registers": 16} and config.report_to is None
+    assert parse_config(TokenizerTrainingConfig, ["--compile", "true"]).compile is True
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--learning_rat", "1"], "Unknown settings"),
+        (["--train_batch_size", "eight"], "train_batch_size must be int"),
+        (["--model", "[1, 2]"], "model must be dict"),
+        (["--train_batch_size", "0"], "train_batch_size"),
+        (["--mixed_precision", "fp8"], "mixed_precision"),
+        (["--push_to_hub", "true"], "hub_model_id"),
+        (["--freeze_encoder", "true", "--freeze_decoder", "true"], "nothing to train"),
+    ],
+)
+def test_bad_configs_are_refused(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(TokenizerTrainingConfig, argv)
+
+
+def test_checkpoints_are_atomic_limited_and_resumable(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    for step in (1, 2, 3):
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        save_checkpoint(accelerator, tmp_path, step, {"data_state": [{"position": step}]}, total_limit=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+
+    # A save killed midway leaves only a temporary folder, which "latest" never picks.
+    (tmp_path / ".tmp-checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-5").mkdir()  # no trainer state: incomplete, ignored too
+    latest = resolve_checkpoint(tmp_path, "latest")
+    assert latest.name == "checkpoint-3"
+    with pytest.raises(ValueError, match="not a complete training checkpoint"):
+        resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-5"))
+    assert resolve_checkpoint(tmp_path / "fresh", "latest") is None
+
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    state = load_checkpoint(accelerator, latest)
+    assert state == {"step": 3, "data_state": [{"position": 3}]}
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert json.loads((latest / "trainer_state.json").read_text())["step"] == 3

@@ -1,0 +1,51 @@
+"""Tokenize an image dataset with a frozen FlexTok tokenizer into parquet shards for stage-2 training.
+
+    python training/pretokenize.py --tokenizer path/or/hub-id --train_data "shards/*.tar" --output_dir data/tokens \
+        --resolution 256 --batch_size 64 --flip --bf16
+
+Resumable: finished shards are kept and their examples skipped when the command is run again.
+"""
+
+import argparse
+
+import torch
+from flextok_hf.training.data import build_image_stream
+
+from flextok_hf import FlexTokModel
+from flextok_hf.training.pretokenize import pretokenize
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokenizer", required=True, help="FlexTok model: a folder (either format) or a Hub id")
+    parser.add_argument("--train_data", required=True, help="image folder, *.tar / *.parquet glob or Hub dataset")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image_column")
+    parser.add_argument("--label_column")
+    parser.add_argument("--caption_column")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--shard_size", type=int, default=4096)
+    parser.add_argument("--max_examples", type=int)
+    parser.add_argument("--flip", action="store_true", help="also store the ids of each mirrored image")
+    parser.add_argument("--bf16", action="store_true", help="run the tokenizer in bfloat16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = FlexTokModel.from_pretrained(args.tokenizer, torch_dtype=dtype).to(args.device).eval()
+    stream = build_image_stream(
+        args.train_data,
+        split=args.split,
+        resolution=args.resolution,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        caption_column=args.caption_column,
+    )
+    shards = pretokenize(model, stream, args.output_dir, args.shard_size, args.batch_size, args.flip, args.max_examples)
+    print(f"{len(shards)} shards in {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

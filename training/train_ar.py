@@ -1,0 +1,33 @@
+"""Train a FlexTok autoregressive generator (stage 2) on pre-tokenised data.
+
+    python training/pretokenize.py --tokenizer path/to/flextok --train_data "shards/*.tar" --output_dir data/tokens
+    accelerate launch training/train_ar.py --config training/configs/ar_d12_85m.yaml --token_data data/tokens
+
+With `--export_pipeline true` the exported folder is a whole `FlexTokPipeline` (tokenizer + generator + scheduler,
+and the text encoder for text-conditional models), loadable with `FlexTokPipeline.from_pretrained`.
+"""
+
+from flextok_hf.training.ar import ARTrainingConfig, ar_loss_function, build_ar_model, build_token_stream
+from flextok_hf.training.config import parse_config
+from flextok_hf.training.hub import export_generator
+from flextok_hf.training.trainer import build_accelerator, train
+
+
+def main(argv=None):
+    config = parse_config(ARTrainingConfig, argv)
+    accelerator = build_accelerator(config)
+    model = build_ar_model(config)
+    dataset, collate_fn = build_token_stream(config, accelerator.process_index, accelerator.num_processes)
+    train(
+        config,
+        accelerator,
+        model,
+        ar_loss_function(config, model.config, accelerator.device),
+        dataset,
+        collate_fn,
+        export=lambda model, folder, metrics: export_generator(model, folder, config, metrics),
+    )
+
+
+if __name__ == "__main__":
+    main()

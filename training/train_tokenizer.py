@@ -1,0 +1,37 @@
+"""Train or fine-tune a FlexTok tokenizer (stage 1).
+
+    accelerate launch training/train_tokenizer.py --config training/configs/tokenizer_d12_d12.yaml \
+        --train_data "path/to/shards/*.tar" --output_dir outputs/d12
+
+Every setting of `TokenizerTrainingConfig` can be given in the YAML file or overridden as `--key value`.
+"""
+
+from flextok_hf.training.data import build_training_stream
+
+from flextok_hf.training.config import parse_config
+from flextok_hf.training.hub import export_model
+from flextok_hf.training.tokenizer import TokenizerTrainingConfig, build_tokenizer, tokenizer_loss_function
+from flextok_hf.training.trainer import build_accelerator, train
+
+
+def main(argv=None):
+    config = parse_config(TokenizerTrainingConfig, argv)
+    accelerator = build_accelerator(config)
+    model, vision = build_tokenizer(config)
+    dataset, collate_fn, data_stats = build_training_stream(
+        config, accelerator.process_index, accelerator.num_processes
+    )
+    train(
+        config,
+        accelerator,
+        model,
+        tokenizer_loss_function(vision, accelerator.device),
+        dataset,
+        collate_fn,
+        export=lambda model, folder, metrics: export_model(model, folder, config, metrics),
+        data_stats=data_stats,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Train or fine-tune the diffusers `AutoencoderKL` that a FlexTok tokenizer is trained on.
+
+    accelerate launch training/train_vae.py --config training/configs/vae_f8c16.yaml \
+        --train_data path/to/images --output_dir outputs/vae
+
+The exported folder (`<output_dir>/model`) loads with `AutoencoderKL.from_pretrained` and is what
+`train_tokenizer.py --vae_name_or_path` takes; its `scaling_factor` is measured on training images at export.
+"""
+
+from flextok_hf.training.data import build_training_stream
+
+from flextok_hf.training.config import parse_config
+from flextok_hf.training.hub import export_model
+from flextok_hf.training.trainer import build_accelerator, train
+from flextok_hf.training.vae import VAETrainingConfig, build_vae, vae_loss_function
+
+
+def main(argv=None):
+    config = parse_config(VAETrainingConfig, argv)
+    accelerator = build_accelerator(config)
+    model = build_vae(config)
+    dataset, collate_fn, data_stats = build_training_stream(
+        config, accelerator.process_index, accelerator.num_processes
+    )
+    train(
+        config,
+        accelerator,
+        model,
+        vae_loss_function(accelerator.device),
+        dataset,
+        collate_fn,
+        export=lambda model, folder, metrics: export_model(model.vae, folder, config, metrics),
+        data_stats=data_stats,
+    )
+
+
+if __name__ == "__main__":
+    main()
