@@ -88,9 +88,27 @@ class FlexTokOutput(ModelOutput):
     keep_k: torch.LongTensor | None = None
 
 
-def layer_norm_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Affine-free LayerNorm computed in float32 (the only norm FlexTok uses), returned in the input dtype."""
-    return F.layer_norm(x.float(), x.shape[-1:]).type_as(x)
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """Affine-free LayerNorm, the only norm FlexTok uses. PyTorch computes its statistics in float32 for bfloat16
+    and float16 inputs too, so no float32 copy of the activations is needed."""
+    return F.layer_norm(x, x.shape[-1:])
+
+
+def segment_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, num_patches: int) -> torch.Tensor:
+    """`x * scale + shift` over `[B, N, D]` with one `scale`/`shift` `[B, S, D]` per segment: with S = 2 the first
+    `num_patches` tokens (the image patches) take segment 0 and the registers after them segment 1. Each segment is
+    a contiguous range, so its row broadcasts over it (no per-token gather of the modulation)."""
+    parts = x.split([num_patches, x.shape[1] - num_patches], dim=1) if scale.shape[1] == 2 else (x,)
+    outputs = [
+        part * scale[:, i, None] if shift is None else torch.addcmul(shift[:, i, None], part, scale[:, i, None])
+        for i, part in enumerate(parts)
+    ]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
+def padded_weight(linear: nn.Linear, rows: int = 0, columns: int = 0) -> torch.Tensor:
+    """The weight with `rows` zero output rows and `columns` zero input columns appended."""
+    return F.pad(linear.weight, (0, columns, 0, rows))
 
 
 def build_2d_sincos_table(dim: int, grid_size: int) -> torch.Tensor:
@@ -201,12 +219,12 @@ class FlexTokAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
-        shape = (batch, length, self.num_heads, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        # One GEMM for q, k and v (the weights stay separate, as the checkpoints store them).
+        qkv_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        qkv = F.linear(hidden_states, qkv_weight).view(batch, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if self.qk_norm:
-            query, key = layer_norm_fp32(query), layer_norm_fp32(key)
+            query, key = layer_norm(query), layer_norm(key)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -220,9 +238,16 @@ class FlexTokMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        # The products run on a hidden width padded to a multiple of 64: unaligned widths (4778 in the released d28)
+        # get slow GEMM kernels. Zero rows and columns change nothing, since silu(0) * 0 = 0, also in training.
+        self.padding = -intermediate_size % 64
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        gate_up_weight = torch.cat(
+            [padded_weight(self.gate_proj, rows=self.padding), padded_weight(self.up_proj, rows=self.padding)]
+        )
+        gate, up = F.linear(hidden_states, gate_up_weight).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, padded_weight(self.down_proj, columns=self.padding))
 
 
 class FlexTokBlock(GradientCheckpointingLayer):
@@ -234,8 +259,8 @@ class FlexTokBlock(GradientCheckpointingLayer):
         self.mlp = FlexTokMLP(hidden_size, mlp_ratio)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(layer_norm_fp32(hidden_states), attention_mask)
-        return hidden_states + self.mlp(layer_norm_fp32(hidden_states))
+        hidden_states = hidden_states + self.attn(layer_norm(hidden_states), attention_mask)
+        return hidden_states + self.mlp(layer_norm(hidden_states))
 
 
 class FlexTokAdaLNBlock(FlexTokBlock):
@@ -251,16 +276,18 @@ class FlexTokAdaLNBlock(FlexTokBlock):
         self,
         hidden_states: torch.Tensor,
         time_embedding: torch.Tensor,
-        segment_ids: torch.LongTensor,
+        num_patches: int,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`hidden_states` `[B, num_patches + K, D]` (patches, then registers), `time_embedding` `[B, D]`."""
         batch, _, dim = hidden_states.shape
         modulation = self.adaln_modulation(F.silu(time_embedding)).view(batch, self.num_segments, 6, dim)
-        gate_msa, gate_mlp, shift_msa, scale_msa, shift_mlp, scale_mlp = modulation[:, segment_ids].unbind(dim=2)
-        attn_input = layer_norm_fp32(hidden_states) * (1 + scale_msa) + shift_msa
-        hidden_states = hidden_states + gate_msa * self.attn(attn_input, attention_mask)
-        mlp_input = layer_norm_fp32(hidden_states) * (1 + scale_mlp) + shift_mlp
-        return hidden_states + gate_mlp * self.mlp(mlp_input)
+        gate_msa, gate_mlp, shift_msa, scale_msa, shift_mlp, scale_mlp = modulation.unbind(dim=2)
+        attn_input = segment_affine(layer_norm(hidden_states), 1 + scale_msa, shift_msa, num_patches)
+        attn_output = self.attn(attn_input, attention_mask)
+        hidden_states = hidden_states + segment_affine(attn_output, gate_msa, None, num_patches)
+        mlp_input = segment_affine(layer_norm(hidden_states), 1 + scale_mlp, shift_mlp, num_patches)
+        return hidden_states + segment_affine(self.mlp(mlp_input), gate_mlp, None, num_patches)
 
 
 class FlexTokTimestepEmbedder(nn.Module):
@@ -311,7 +338,7 @@ class FlexTokEncoder(nn.Module):
         )
         for block in self.blocks:
             hidden = block(hidden, mask)
-        return self.to_latents(layer_norm_fp32(hidden[:, num_patches:]))
+        return self.to_latents(layer_norm(hidden[:, num_patches:]))
 
 
 class FlexTokDecoder(nn.Module):
@@ -396,17 +423,14 @@ class FlexTokDecoder(nn.Module):
         hidden = torch.cat([patches, registers], dim=1)
 
         time_embedding = self.time_embedder(timesteps)
-        segment_ids = torch.zeros(hidden.shape[1], dtype=torch.long, device=device)
-        if self.num_segments == 2:
-            segment_ids[num_patches:] = 1
         mask = build_attention_mask(self.config.decoder_attention_mask, num_patches, num_registers, device)
         hidden_states = []
         for block in self.blocks:
-            hidden = block(hidden, time_embedding, segment_ids, mask)
+            hidden = block(hidden, time_embedding, num_patches, mask)
             hidden_states.append(hidden)
 
         shift, scale = self.output_adaln_modulation(F.silu(time_embedding))[:, None].chunk(2, dim=-1)
-        patches = layer_norm_fp32(hidden[:, :num_patches]) * (1 + scale) + shift
+        patches = layer_norm(hidden[:, :num_patches]) * (1 + scale) + shift
         patches = self.output_proj(patches).view(batch, grid_h, grid_w, -1)
         velocity = unpatchify(patches, self.config.patch_size, self.config.latent_channels)
         return (velocity, tuple(hidden_states)) if output_hidden_states else velocity

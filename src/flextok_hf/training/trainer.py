@@ -98,31 +98,7 @@ def train(
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "training_config.json")
-    parameters = trainable_parameters(model)
-    if not parameters:
-        raise ValueError("The model has no trainable parameters: check the freeze options.")
-    optimizer = torch.optim.AdamW(
-        parameters,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    # accelerate steps a prepared scheduler once per process for every optimiser step, as in diffusers' examples.
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=config.max_train_steps * accelerator.num_processes,
-    )
-    if config.compile:
-        model.compile()
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    ema = None
-    if config.use_ema:
-        ema = EMAModel(trainable_parameters(model), decay=config.ema_decay, use_ema_warmup=config.ema_warmup)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    model, optimizer, lr_scheduler, ema = prepare_training(config, accelerator, model)
 
     step = 0
     checkpoint = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
@@ -135,8 +111,9 @@ def train(
 
     if accelerator.is_main_process and config.report_to:
         accelerator.init_trackers(config.tracker_project_name, config={k: str(v) for k, v in config.to_dict().items()})
+    num_parameters = sum(p.numel() for p in trainable_parameters(model))
     logger.info(
-        f"Training {sum(p.numel() for p in parameters) / 1e6:.2f}M parameters for {config.max_train_steps} steps, "
+        f"Training {num_parameters / 1e6:.2f}M parameters for {config.max_train_steps} steps, "
         f"global batch {config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes}"
     )
     progress = tqdm(
@@ -145,23 +122,13 @@ def train(
     stream = batches(dataset, config, collate_fn)
     last_logs: dict[str, float] = {}
     while step < config.max_train_steps:
-        for _ in range(config.gradient_accumulation_steps):
-            batch = next(stream)
-            with accelerator.accumulate(model):
-                loss, logs = compute_loss(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+        logs = optimizer_step(config, accelerator, model, optimizer, lr_scheduler, compute_loss, stream)
         if ema is not None:
             ema.step(trainable_parameters(model))
         step += 1
         progress.update(1)
 
         if step % config.logging_steps == 0 or step == config.max_train_steps:
-            logs = {"loss": loss.detach(), **logs, "grad_norm": grad_norm}
             last_logs = {
                 k: accelerator.reduce(torch.as_tensor(v, device=accelerator.device).float(), "mean").item()
                 for k, v in logs.items()
@@ -191,6 +158,53 @@ def train(
         model_dir = export_atomically(output_dir / "model", lambda folder: export(unwrapped, folder, last_logs))
     accelerator.end_training()
     return TrainingResult(model_dir=model_dir, step=step, last_logs=last_logs)
+
+
+def prepare_training(config: TrainingConfig, accelerator: Accelerator, model: nn.Module):
+    """AdamW over the trainable parameters, the warm-up + decay schedule, `torch.compile` if asked, accelerate's
+    wrapping (device, precision, DDP/FSDP) and the EMA weights. Returns `(model, optimizer, lr_scheduler, ema)`."""
+    parameters = trainable_parameters(model)
+    if not parameters:
+        raise ValueError("The model has no trainable parameters: check the freeze options.")
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    # accelerate steps a prepared scheduler once per process for every optimiser step, as in diffusers' examples.
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_train_steps * accelerator.num_processes,
+    )
+    if config.compile:
+        model.compile()
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(trainable_parameters(model), decay=config.ema_decay, use_ema_warmup=config.ema_warmup)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    return model, optimizer, lr_scheduler, ema
+
+
+def optimizer_step(config, accelerator, model, optimizer, lr_scheduler, compute_loss, stream) -> dict[str, Any]:
+    """One optimiser step over `gradient_accumulation_steps` batches of `stream`, gradients clipped to
+    `max_grad_norm`. Returns the last batch's loss and logs, and the gradient norm, as tensors (no sync)."""
+    for _ in range(config.gradient_accumulation_steps):
+        batch = next(stream)
+        with accelerator.accumulate(model):
+            loss, logs = compute_loss(model, batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss.detach(), **logs, "grad_norm": grad_norm}
 
 
 def gather_objects(accelerator: Accelerator, value: Any) -> list[Any]:
