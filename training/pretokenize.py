@@ -9,9 +9,9 @@ Resumable: finished shards are kept and their examples skipped when the command 
 import argparse
 
 import torch
-from flextok_hf.training.data import build_image_stream
 
 from flextok_hf import FlexTokModel
+from flextok_hf.training.data import build_image_stream
 from flextok_hf.training.pretokenize import pretokenize
 
 

@@ -18,7 +18,7 @@ def main(argv=None):
     accelerator = build_accelerator(config)
     model = build_ar_model(config)
     dataset, collate_fn = build_token_stream(config, accelerator.process_index, accelerator.num_processes)
-    train(
+    return train(
         config,
         accelerator,
         model,

@@ -6,9 +6,8 @@
 Every setting of `TokenizerTrainingConfig` can be given in the YAML file or overridden as `--key value`.
 """
 
-from flextok_hf.training.data import build_training_stream
-
 from flextok_hf.training.config import parse_config
+from flextok_hf.training.data import build_training_stream
 from flextok_hf.training.hub import export_model
 from flextok_hf.training.tokenizer import TokenizerTrainingConfig, build_tokenizer, tokenizer_loss_function
 from flextok_hf.training.trainer import build_accelerator, train
@@ -21,7 +20,7 @@ def main(argv=None):
     dataset, collate_fn, data_stats = build_training_stream(
         config, accelerator.process_index, accelerator.num_processes
     )
-    train(
+    return train(
         config,
         accelerator,
         model,

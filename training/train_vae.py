@@ -7,12 +7,15 @@ The exported folder (`<output_dir>/model`) loads with `AutoencoderKL.from_pretra
 `train_tokenizer.py --vae_name_or_path` takes; its `scaling_factor` is measured on training images at export.
 """
 
-from flextok_hf.training.data import build_training_stream
+import itertools
 
 from flextok_hf.training.config import parse_config
+from flextok_hf.training.data import build_training_stream
 from flextok_hf.training.hub import export_model
 from flextok_hf.training.trainer import build_accelerator, train
-from flextok_hf.training.vae import VAETrainingConfig, build_vae, vae_loss_function
+from flextok_hf.training.vae import VAETrainingConfig, build_vae, latent_scaling_factor, vae_loss_function
+
+CALIBRATION_IMAGES = 64
 
 
 def main(argv=None):
@@ -22,15 +25,15 @@ def main(argv=None):
     dataset, collate_fn, data_stats = build_training_stream(
         config, accelerator.process_index, accelerator.num_processes
     )
-    train(
-        config,
-        accelerator,
-        model,
-        vae_loss_function(accelerator.device),
-        dataset,
-        collate_fn,
-        export=lambda model, folder, metrics: export_model(model.vae, folder, config, metrics),
-        data_stats=data_stats,
+
+    def export(model, folder, metrics):
+        calibration, _, _ = build_training_stream(config, rank=0, world_size=1)
+        images = collate_fn(list(itertools.islice(calibration, CALIBRATION_IMAGES)))["pixel_values"]
+        model.vae.register_to_config(scaling_factor=latent_scaling_factor(model.vae, images))
+        export_model(model.vae, folder, config, metrics)
+
+    return train(
+        config, accelerator, model, vae_loss_function(accelerator.device), dataset, collate_fn, export, data_stats
     )
 
 

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..modeling_flextok import FlexTokModel
+from .data import collate_images
 
 SHARD_PATTERN = "shard-{:05d}.parquet"
 
@@ -46,8 +47,8 @@ def pretokenize(
     flip: bool = False,
     max_examples: int | None = None,
 ) -> list[Path]:
-    """Tokenizes `examples` (dicts with `pixel_values` `[3, H, W]` in [-1, 1] and optional `label`, `caption`,
-    `key`) into parquet shards in `output_dir`, skipping the examples of shards already there (resume).
+    """Tokenizes `examples` (dicts with `pixel_values` `[3, H, W]` in [-1, 1], `key` and optional `label`,
+    `caption`, as [`~flextok_hf.training.data.build_image_stream`] yields) into parquet shards in `output_dir`, skipping the examples of shards already there (resume).
     Returns every shard of the dataset."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -61,17 +62,16 @@ def pretokenize(
     total = None if max_examples is None else max(max_examples - start, 0)
     progress = tqdm(total=total, desc="Tokenizing", unit="img")
     shard_index = done
-    for batch in batched(examples, batch_size):
-        images = torch.stack([example["pixel_values"] for example in batch]).to(model.device, model.dtype)
-        token_ids = model.encode(images).cpu()
-        flipped = model.encode(images.flip(-1)).cpu() if flip else None
-        for i, example in enumerate(batch):
-            row = {key: example[key] for key in ("label", "caption", "key") if key in example}
-            row["token_ids"] = token_ids[i].tolist()
-            if flipped is not None:
-                row["token_ids_flipped"] = flipped[i].tolist()
-            rows.append(row)
-        progress.update(len(batch))
+    for examples_batch in batched(examples, batch_size):
+        batch = collate_images(examples_batch)
+        images = batch["pixel_values"].to(model.device, model.dtype)
+        columns = {"key": batch["keys"], "label": batch.get("labels"), "caption": batch.get("captions")}
+        columns["token_ids"] = model.encode(images).cpu()
+        if flip:
+            columns["token_ids_flipped"] = model.encode(images.flip(-1)).cpu()
+        for i in range(len(examples_batch)):
+            rows.append({name: as_python(values[i]) for name, values in columns.items() if values is not None})
+        progress.update(len(examples_batch))
         if len(rows) == shard_size:
             write_shard(rows, output_dir / SHARD_PATTERN.format(shard_index), ids_type)
             rows, shard_index = [], shard_index + 1
@@ -79,6 +79,10 @@ def pretokenize(
         write_shard(rows, output_dir / SHARD_PATTERN.format(shard_index), ids_type)
     progress.close()
     return completed_shards(output_dir)
+
+
+def as_python(value):
+    return value.tolist() if isinstance(value, torch.Tensor) else value
 
 
 def write_shard(rows: list[dict[str, Any]], path: Path, ids_type: pa.DataType):

@@ -4,6 +4,7 @@ A stage supplies the model, a loss function and a data stream; this module does 
 mixed precision, gradient accumulation and clipping, EMA, checkpoints and resume, trackers, progress bar, export).
 """
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -29,9 +30,13 @@ logger = get_logger(__name__)
 LossFunction = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
 
 
+LOG_FILE = "logs.jsonl"
+
+
 @dataclass
 class TrainingResult:
-    """What a finished run leaves: the exported model folder, the last step and the last logged losses."""
+    """What a finished run leaves: the exported model folder, the last step and the last logged losses. Every
+    logged entry is also a line of `output_dir/logs.jsonl` (with its `step`), whatever the trackers."""
 
     model_dir: Path | None
     step: int
@@ -55,20 +60,36 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def batches(dataset: IterableDataset, config: TrainingConfig, collate_fn) -> Iterator[dict[str, Any]]:
-    """Endless batches, epoch after epoch. The DataLoader reads in this process (workers would read ahead of the
-    step, and the stream position saved with a checkpoint would then be wrong)."""
-    epoch = 0
+def batches(dataset: IterableDataset, config: TrainingConfig, collate_fn, resumed: bool) -> Iterator[dict[str, Any]]:
+    """Endless batches, pass after pass (`set_epoch` starts each new pass of a `datasets` stream). The DataLoader
+    reads in this process: workers would read ahead of the step, and the stream position saved with a checkpoint
+    would then be wrong."""
+    epoch = getattr(dataset, "epoch", 0)
+    first_pass = True
     while True:
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
         yielded = False
-        for batch in DataLoader(dataset, batch_size=config.train_batch_size, collate_fn=collate_fn):
+        # Its own generator: starting a pass then draws nothing from the global RNG, which noise and dropout use.
+        loader = DataLoader(
+            dataset, batch_size=config.train_batch_size, collate_fn=collate_fn, generator=torch.Generator()
+        )
+        for batch in loader:
             yielded = True
             yield batch
-        if not yielded:
+        # A resumed stream may start at the very end of a pass; a pass from the start must yield something.
+        if not yielded and not (first_pass and resumed):
             raise ValueError(f"The training data {config.train_data!r} yielded no usable example.")
+        first_pass = False
         epoch += 1
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+
+
+def recording_keys(stream: Iterator[dict[str, Any]], path: Path) -> Iterator[dict[str, Any]]:
+    """Passes the batches through, appending each example's key to `path`."""
+    for batch in stream:
+        with open(path, "a") as file:
+            file.writelines(f"{key}\n" for key in batch["keys"])
+        yield batch
 
 
 def train(
@@ -105,8 +126,12 @@ def train(
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         step = state["step"]
-        if hasattr(dataset, "load_state_dict") and state.get("data_state") is not None:
-            dataset.load_state_dict(state["data_state"][accelerator.process_index])
+        data_state = state.get("data_state", [None])[accelerator.process_index]
+        if data_state is not None:
+            dataset.load_state_dict(data_state)
+            # `datasets` restores the position within a pass, not which pass it was.
+            if "epoch" in data_state:
+                dataset.set_epoch(data_state["epoch"])
         logger.info(f"Resumed from {checkpoint} at step {step}")
 
     if accelerator.is_main_process and config.report_to:
@@ -119,24 +144,35 @@ def train(
     progress = tqdm(
         total=config.max_train_steps, initial=step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    stream = batches(dataset, config, collate_fn)
+    stream = batches(dataset, config, collate_fn, resumed=checkpoint is not None)
+    if config.record_example_keys:
+        stream = recording_keys(stream, output_dir / f"example_keys_rank{accelerator.process_index}.txt")
     last_logs: dict[str, float] = {}
+    running: dict[str, torch.Tensor] = {}  # sums since the last log, kept on the device (no sync per step)
+    steps_since_log = 0
     while step < config.max_train_steps:
         logs = optimizer_step(config, accelerator, model, optimizer, lr_scheduler, compute_loss, stream)
         if ema is not None:
             ema.step(trainable_parameters(model))
         step += 1
+        steps_since_log += 1
         progress.update(1)
+        for name, value in logs.items():
+            running[name] = running.get(name, 0) + torch.as_tensor(value, device=accelerator.device).float()
 
         if step % config.logging_steps == 0 or step == config.max_train_steps:
+            # Means over the steps since the last log and over the processes.
             last_logs = {
-                k: accelerator.reduce(torch.as_tensor(v, device=accelerator.device).float(), "mean").item()
-                for k, v in logs.items()
+                name: accelerator.reduce(total / steps_since_log, "mean").item() for name, total in running.items()
             }
+            running, steps_since_log = {}, 0
             last_logs["lr"] = lr_scheduler.get_last_lr()[0]
             if data_stats is not None:
                 last_logs.update(data_stats.as_dict())
             accelerator.log(last_logs, step=step)
+            if accelerator.is_main_process:
+                with open(output_dir / LOG_FILE, "a") as log_file:
+                    log_file.write(json.dumps({"step": step, **last_logs}) + "\n")
             progress.set_postfix(loss=f"{last_logs['loss']:.4f}")
         if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
             data_state = dataset.state_dict() if hasattr(dataset, "state_dict") else None
@@ -172,6 +208,7 @@ def prepare_training(config: TrainingConfig, accelerator: Accelerator, model: nn
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
+        fused=accelerator.device.type == "cuda",
     )
     # accelerate steps a prepared scheduler once per process for every optimiser step, as in diffusers' examples.
     lr_scheduler = get_scheduler(
@@ -185,7 +222,9 @@ def prepare_training(config: TrainingConfig, accelerator: Accelerator, model: nn
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema = None
     if config.use_ema:
-        ema = EMAModel(trainable_parameters(model), decay=config.ema_decay, use_ema_warmup=config.ema_warmup)
+        ema = EMAModel(
+            trainable_parameters(model), decay=config.ema_decay, use_ema_warmup=config.ema_warmup, foreach=True
+        )
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     return model, optimizer, lr_scheduler, ema

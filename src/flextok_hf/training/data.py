@@ -1,0 +1,188 @@
+"""Streamed image data for training, with `datasets`: Hub datasets (ImageNet-1k layout: image + label), local
+webdataset `.tar` shards (img2dataset layout, as DFN-style data: `<key>.jpg|png|webp`, `<key>.txt` caption,
+`<key>.json`), parquet files and image folders.
+
+Images are decoded here, not by `datasets`: one undecodable file would otherwise end the whole stream. Corrupt and
+too-small images are skipped and counted ([`SkipCounter`]). Augmentations (resize, random or center crop,
+horizontal flip) need no torchvision and draw from a generator seeded by the run's seed and the example's key, so a
+resumed run sees exactly the pixels the interrupted one would have.
+
+Resume: the stream position is `dataset.state_dict()`, saved with each checkpoint. It is exact when there is no
+shuffle buffer (`shuffle_buffer_size: 0`, shuffle when writing the shards instead); with a buffer, `datasets`
+refills the buffer on resume and the examples that follow differ. The DataLoader reads in the training process
+(no workers), so the saved position is the position of the last example trained on.
+
+Ranks: each process streams `split_dataset_by_node(dataset, rank, world_size)`, its own shards when their number
+divides evenly, else every `world_size`-th example: the ranks' data is disjoint. Batches are therefore not
+`accelerator.prepare`d (that would split or dispatch them a second time).
+"""
+
+import glob
+import io
+import random
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from datasets import Image as ImageFeature
+from datasets import IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
+
+IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
+CAPTION_COLUMNS = ("caption", "txt", "text")
+LABEL_COLUMNS = ("label", "cls")
+
+
+@dataclass
+class SkipCounter:
+    """Examples this process has read, and those skipped because they could not be decoded or were too small."""
+
+    seen: int = 0
+    skipped_corrupt: int = 0
+    skipped_small: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"images_seen": self.seen, "skipped_corrupt": self.skipped_corrupt, "skipped_small": self.skipped_small}
+
+
+def load_image_source(source: str, split: str = "train") -> IterableDataset:
+    """A streaming dataset from a folder of images (`imagefolder`: class subfolders become labels), a glob or list
+    of `.tar` shards (`webdataset`) or `.parquet` files, or else a Hub dataset name."""
+    path = Path(source)
+    if path.is_dir():
+        return load_dataset("imagefolder", data_dir=source, split=split, streaming=True)
+    files = sorted(glob.glob(source))
+    if files:
+        kind = "webdataset" if files[0].endswith(".tar") else "parquet" if files[0].endswith(".parquet") else None
+        if kind is None:
+            raise ValueError(f"{source} matches {files[0]}, neither .tar shards nor .parquet files.")
+        return load_dataset(kind, data_files=files, split="train", streaming=True)
+    if any(char in source for char in "*?[") or path.suffix in (".tar", ".parquet"):
+        raise ValueError(f"No files match {source}.")
+    return load_dataset(source, split=split, streaming=True)
+
+
+def find_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str) -> str | None:
+    if wanted is not None:
+        if wanted not in columns:
+            raise ValueError(f"The dataset has no {what} column {wanted!r}; its columns are {columns}.")
+        return wanted
+    return next((name for name in candidates if name in columns), None)
+
+
+def preprocess_image(
+    image: PIL.Image.Image, resolution: int, random_crop: bool, random_flip: bool, rng: random.Random
+) -> np.ndarray:
+    """RGB, shorter side resized to `resolution` (bicubic, antialiased), square crop (random or centered), optional
+    horizontal flip -> float32 `[3, resolution, resolution]` in [-1, 1]."""
+    image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, PIL.Image.BICUBIC, reducing_gap=3.0)
+    free_x, free_y = image.width - resolution, image.height - resolution
+    left, top = (rng.randint(0, free_x), rng.randint(0, free_y)) if random_crop else (free_x // 2, free_y // 2)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(PIL.Image.FLIP_LEFT_RIGHT)
+    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return pixels.transpose(2, 0, 1)
+
+
+def build_image_stream(
+    source: str,
+    split: str = "train",
+    resolution: int = 256,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    caption_column: str | None = None,
+    random_crop: bool = False,
+    random_flip: bool = False,
+    min_image_size: int = 0,
+    seed: int = 0,
+    shuffle_buffer_size: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    stats: SkipCounter | None = None,
+) -> IterableDataset:
+    """Examples `{"pixel_values": float32 [3, R, R] in [-1, 1], "key": str, "label": int?, "caption": str?}` from
+    `source` (see [`load_image_source`]); this rank's share only. Columns are found by name (`image`/`jpg`/`png`...,
+    `label`/`cls`, `caption`/`txt`) unless given."""
+    dataset = load_image_source(source, split)
+    columns = list(dataset.column_names or [])
+    image_column = find_column(columns, image_column, IMAGE_COLUMNS, "image")
+    if image_column is None:
+        raise ValueError(f"Found no image column in {columns}; name it with image_column.")
+    label_column = find_column(columns, label_column, LABEL_COLUMNS, "label")
+    caption_column = find_column(columns, caption_column, CAPTION_COLUMNS, "caption")
+    dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+    stats = stats if stats is not None else SkipCounter()
+
+    def decode(example: dict[str, Any]) -> dict[str, Any]:
+        stats.seen += 1
+        encoded = example[image_column]
+        key = example.get("__key__") or encoded.get("path") or f"{zlib.crc32(encoded['bytes']):08x}"
+        output = {"key": key, "pixel_values": None}
+        if label_column is not None:
+            output["label"] = int(example[label_column])
+        if caption_column is not None:
+            output["caption"] = str(example[caption_column])
+        try:
+            file = io.BytesIO(encoded["bytes"]) if encoded.get("bytes") is not None else encoded["path"]
+            with PIL.Image.open(file) as image:
+                image.load()
+                if min(image.size) < min_image_size:
+                    stats.skipped_small += 1
+                    return output
+                rng = random.Random(f"{seed}:{key}")
+                output["pixel_values"] = preprocess_image(image, resolution, random_crop, random_flip, rng)
+        except (OSError, ValueError, PIL.Image.DecompressionBombError):
+            stats.skipped_corrupt += 1
+        return output
+
+    if shuffle_buffer_size > 0:
+        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+    dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    dataset = dataset.map(decode, remove_columns=columns)
+    return dataset.filter(lambda example: example["pixel_values"] is not None)
+
+
+def collate_images(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stacks `pixel_values` `[B, 3, R, R]`; labels become a LongTensor `[B]`, captions and keys stay lists."""
+    batch = {
+        "pixel_values": torch.from_numpy(np.stack([example["pixel_values"] for example in examples])),
+        "keys": [example["key"] for example in examples],
+    }
+    if "label" in examples[0]:
+        batch["labels"] = torch.tensor([example["label"] for example in examples], dtype=torch.long)
+    if "caption" in examples[0]:
+        batch["captions"] = [example["caption"] for example in examples]
+    return batch
+
+
+def build_training_stream(config, rank: int, world_size: int):
+    """This rank's training images for a [`~flextok_hf.training.config.TrainingConfig`]: returns the dataset, its
+    collate function and the [`SkipCounter`] that the training loop logs."""
+    if config.train_data is None:
+        raise ValueError("train_data must name the training images (a folder, a .tar/.parquet glob or a Hub name).")
+    stats = SkipCounter()
+    dataset = build_image_stream(
+        config.train_data,
+        split=config.dataset_split,
+        resolution=config.resolution,
+        image_column=config.image_column,
+        label_column=config.label_column,
+        caption_column=config.caption_column,
+        random_crop=config.random_crop,
+        random_flip=config.random_flip,
+        min_image_size=config.min_image_size,
+        seed=config.seed,
+        shuffle_buffer_size=config.shuffle_buffer_size,
+        rank=rank,
+        world_size=world_size,
+        stats=stats,
+    )
+    return dataset, collate_images, stats

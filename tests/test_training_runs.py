@@ -1,0 +1,149 @@
+"""Real (tiny) training runs of the launchable scripts: the loss falls, exports load, a SIGKILLed run resumes to the
+same weights as an uninterrupted one, and two processes train as one DDP job."""
+
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+from flextok_hf import FlexTokModel
+from flextok_hf.training.demo_data import procedural_image
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_CONFIG = str(ROOT / "training" / "configs" / "tokenizer_tiny_cpu.yaml")
+VAE_CONFIG = str(ROOT / "training" / "configs" / "vae_tiny_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Eight procedural 32x32 images: few enough to overfit."""
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for index in range(8):
+        procedural_image(rng, 32).save(folder / f"{index}.png")
+    return str(folder)
+
+
+def run_script(name: str, argv: list[str]):
+    """Runs training/<name>.py's main in this process (a fresh accelerate state each time)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    main = runpy.run_path(str(ROOT / "training" / f"{name}.py"), run_name="flextok_hf_test")["main"]
+    return main(argv)
+
+
+def logged_losses(output_dir) -> list[float]:
+    lines = (Path(output_dir) / "logs.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def test_tokenizer_training_learns_and_exports(image_folder, tmp_path):
+    argv = ["--config", TOKENIZER_CONFIG, "--train_data", image_folder, "--output_dir", str(tmp_path / "run")]
+    result = run_script("train_tokenizer", argv + ["--max_train_steps", "60", "--logging_steps", "10"])
+    losses = logged_losses(tmp_path / "run")
+    assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
+    model = FlexTokModel.from_pretrained(result.model_dir)
+    assert isinstance(AutoModel.from_pretrained(result.model_dir), FlexTokModel)
+    card = (result.model_dir / "README.md").read_text()
+    assert "library_name: transformers" in card and '"steps": 60' in card
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert model.encode(images).shape == (2, 8)
+
+
+def test_vae_training_learns_and_feeds_the_tokenizer(image_folder, tmp_path):
+    argv = ["--config", VAE_CONFIG, "--train_data", image_folder, "--output_dir", str(tmp_path / "vae")]
+    result = run_script("train_vae", argv + ["--max_train_steps", "80", "--logging_steps", "20"])
+    losses = logged_losses(tmp_path / "vae")
+    assert losses[-1] < 0.8 * losses[0]
+    vae = AutoencoderKL.from_pretrained(result.model_dir)
+    assert vae.config.scaling_factor != 0.8  # measured on the training images at export
+    tokenizer_argv = [
+        "--config", TOKENIZER_CONFIG, "--train_data", image_folder, "--output_dir", str(tmp_path / "tok"),
+        "--vae_name_or_path", str(result.model_dir), "--max_train_steps", "2",
+    ]  # fmt: skip
+    tokenizer = FlexTokModel.from_pretrained(run_script("train_tokenizer", tokenizer_argv).model_dir)
+    assert tokenizer.config.vae_scaling_factor == pytest.approx(vae.config.scaling_factor)
+    assert torch.equal(tokenizer.vae.encoder.conv_in.weight, vae.encoder.conv_in.weight)
+
+
+def test_fine_tuning_with_a_frozen_encoder_changes_only_the_decoder(image_folder, tmp_path):
+    base = run_script(
+        "train_tokenizer",
+        ["--config", TOKENIZER_CONFIG, "--train_data", image_folder, "--output_dir", str(tmp_path / "base"),
+         "--max_train_steps", "2"],
+    ).model_dir  # fmt: skip
+    tuned = run_script(
+        "train_tokenizer",
+        ["--config", TOKENIZER_CONFIG, "--train_data", image_folder, "--output_dir", str(tmp_path / "tuned"),
+         "--max_train_steps", "3", "--pretrained_model_name_or_path", str(base), "--model", "{}",
+         "--freeze_encoder", "true"],
+    ).model_dir  # fmt: skip
+    before, after = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+
+def script_command(output_dir, steps):
+    return [
+        sys.executable, str(ROOT / "training" / "train_tokenizer.py"), "--config", TOKENIZER_CONFIG,
+        "--output_dir", str(output_dir), "--max_train_steps", str(steps), "--checkpointing_steps", "5",
+        "--checkpoints_total_limit", "2", "--logging_steps", "5",
+    ]  # fmt: skip
+
+
+def run_command(command, **kwargs):
+    finished = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+
+def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path):
+    steps = 40
+    data = ["--train_data", image_folder]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    run_command(script_command(tmp_path / "straight", steps) + data, env=env)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(script_command(interrupted, steps) + data, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (interrupted / "checkpoint-10").is_dir() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "model").exists(), "the run finished before it could be killed"
+    killed_at = max(int(p.name.split("-")[1]) for p in interrupted.glob("checkpoint-*"))
+    assert 10 <= killed_at < steps
+
+    resume = script_command(interrupted, steps) + data + ["--resume_from_checkpoint", "latest"]
+    run_command(resume, env=env)
+    for folder in (f"checkpoint-{steps}", "model"):
+        straight = load_file(tmp_path / "straight" / folder / "model.safetensors")
+        resumed = load_file(interrupted / folder / "model.safetensors")
+        for key, value in straight.items():
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=f"{folder}: {key}")
+
+
+def test_two_processes_train_as_one_ddp_job(image_folder, tmp_path):
+    output_dir = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        *script_command(output_dir, 6)[1:], "--train_data", image_folder, "--cpu", "true", "--record_example_keys", "true",
+    ]  # fmt: skip
+    run_command(command, timeout=600)
+    checkpoint = output_dir / "checkpoint-6"
+    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert len(json.loads((checkpoint / "trainer_state.json").read_text())["data_state"]) == 2
+    keys = [set((output_dir / f"example_keys_rank{rank}.txt").read_text().split()) for rank in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == 4 and not keys[0] & keys[1]  # disjoint halves of the 8 images
+    assert FlexTokModel.from_pretrained(output_dir / "model").config.num_registers == 8
