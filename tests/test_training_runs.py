@@ -138,7 +138,8 @@ def test_two_processes_train_as_one_ddp_job(image_folder, tmp_path):
     output_dir = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-        *script_command(output_dir, 6)[1:], "--train_data", image_folder, "--cpu", "true", "--record_example_keys", "true",
+        *script_command(output_dir, 6)[1:], "--train_data", image_folder, "--cpu", "true",
+        "--record_example_keys", "true",
     ]  # fmt: skip
     run_command(command, timeout=600)
     checkpoint = output_dir / "checkpoint-6"

@@ -47,9 +47,9 @@ def pretokenize(
     flip: bool = False,
     max_examples: int | None = None,
 ) -> list[Path]:
-    """Tokenizes `examples` (dicts with `pixel_values` `[3, H, W]` in [-1, 1], `key` and optional `label`,
-    `caption`, as [`~flextok_hf.training.data.build_image_stream`] yields) into parquet shards in `output_dir`, skipping the examples of shards already there (resume).
-    Returns every shard of the dataset."""
+    """Tokenizes `examples` (as [`~flextok_hf.training.data.build_image_stream`] yields them: `pixel_values`
+    `[3, H, W]` in [-1, 1], `key`, optional `label` and `caption`) into parquet shards in `output_dir`, skipping the
+    examples of shards already there (resume). Returns every shard of the dataset."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if shard_size % batch_size:
