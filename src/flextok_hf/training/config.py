@@ -90,25 +90,34 @@ def parse_config(config_class: type[TrainingConfig], argv: list[str] | None = No
     if not isinstance(values, dict):
         raise ValueError(f"{args.config} must hold a mapping of settings, got {type(values).__name__}.")
     values = dict(values)
-    names = {f.name for f in dataclasses.fields(config_class)}
+    types = {f.name: f.type for f in dataclasses.fields(config_class)}
     if len(overrides) % 2:
         parser.error(f"overrides come in '--key value' pairs, got {overrides}")
     for key, value in zip(overrides[::2], overrides[1::2], strict=True):
         if not key.startswith("--"):
             parser.error(f"expected an option '--key', got {key!r}")
-        values[key[2:].replace("-", "_")] = yaml.safe_load(value)
-    unknown = sorted(set(values) - names)
+        name = key[2:].replace("-", "_")
+        # Text settings stay text (YAML would read `--mixed_precision no` as False); `null` still means None.
+        is_text = str in allowed_types(types.get(name)) and value not in ("null", "~")
+        values[name] = value if is_text else yaml.safe_load(value)
+    unknown = sorted(set(values) - set(types))
     if unknown:
-        raise ValueError(f"Unknown settings {unknown}; {config_class.__name__} takes {sorted(names)}.")
-    types = {f.name: f.type for f in dataclasses.fields(config_class)}
+        raise ValueError(f"Unknown settings {unknown}; {config_class.__name__} takes {sorted(types)}.")
     return config_class(**{name: checked_value(name, value, types[name]) for name, value in values.items()})
+
+
+def allowed_types(annotation: Any) -> tuple[type, ...]:
+    """`int | None` -> `(int, NoneType)`, `dict[str, Any]` -> `(dict,)`."""
+    if annotation is None:
+        return ()
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return tuple(typing.get_origin(t) or t for t in (typing.get_args(annotation) if is_union else (annotation,)))
 
 
 def checked_value(name: str, value: Any, annotation: Any) -> Any:
     """`value` as the field's type: numbers written as strings are converted (YAML reads `2e-4` as a string),
     anything else of the wrong type is an error naming the setting."""
-    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    allowed = tuple(typing.get_origin(t) or t for t in (typing.get_args(annotation) if is_union else (annotation,)))
+    allowed = allowed_types(annotation)
     if isinstance(value, str) and str not in allowed:
         for number in (int, float):
             if number in allowed:

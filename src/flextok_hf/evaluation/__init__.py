@@ -1,0 +1,1 @@
+"""Evaluating FlexTok: reconstruction quality per token budget (rate-distortion), metrics and reports."""
