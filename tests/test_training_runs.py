@@ -108,9 +108,10 @@ def run_command(command, **kwargs):
     assert finished.returncode == 0, finished.stderr[-3000:]
 
 
-def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path, workers):
     steps = 40
-    data = ["--train_data", image_folder]
+    data = ["--train_data", image_folder, "--dataloader_num_workers", str(workers)]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     run_command(script_command(tmp_path / "straight", steps) + data, env=env)
 

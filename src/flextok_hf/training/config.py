@@ -32,6 +32,7 @@ class TrainingConfig:
     random_flip: bool = True
     min_image_size: int = 0
     shuffle_buffer_size: int = 0
+    dataloader_num_workers: int = 0
     # Writes the key of every example trained on to output_dir/example_keys_rank<r>.txt (an audit of the data).
     record_example_keys: bool = False
     # Optimisation.

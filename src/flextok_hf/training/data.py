@@ -7,10 +7,9 @@ too-small images are skipped and counted ([`SkipCounter`]). Augmentations (resiz
 horizontal flip) need no torchvision and draw from a generator seeded by the run's seed and the example's key, so a
 resumed run sees exactly the pixels the interrupted one would have.
 
-Resume: the stream position is `dataset.state_dict()`, saved with each checkpoint. It is exact when there is no
-shuffle buffer (`shuffle_buffer_size: 0`, shuffle when writing the shards instead); with a buffer, `datasets`
-refills the buffer on resume and the examples that follow differ. The DataLoader reads in the training process
-(no workers), so the saved position is the position of the last example trained on.
+Resume: the stream position (through torchdata's `StatefulDataLoader`, workers included) is saved with each
+checkpoint. It is exact when there is no shuffle buffer (`shuffle_buffer_size: 0`, shuffle when writing the shards
+instead); with a buffer, `datasets` refills the buffer on resume and the examples that follow differ.
 
 Ranks: each process streams `split_dataset_by_node(dataset, rank, world_size)`, its own shards when their number
 divides evenly, else every `world_size`-th example: the ranks' data is disjoint. Batches are therefore not

@@ -19,7 +19,8 @@ from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 
 from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -60,28 +61,51 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def batches(dataset: IterableDataset, config: TrainingConfig, collate_fn, resumed: bool) -> Iterator[dict[str, Any]]:
-    """Endless batches, pass after pass (`set_epoch` starts each new pass of a `datasets` stream). The DataLoader
-    reads in this process: workers would read ahead of the step, and the stream position saved with a checkpoint
-    would then be wrong."""
-    epoch = getattr(dataset, "epoch", 0)
-    first_pass = True
-    while True:
-        yielded = False
-        # Its own generator: starting a pass then draws nothing from the global RNG, which noise and dropout use.
-        loader = DataLoader(
-            dataset, batch_size=config.train_batch_size, collate_fn=collate_fn, generator=torch.Generator()
+class BatchStream:
+    """Endless batches of a stream, pass after pass, whose position can be saved and restored exactly.
+
+    torchdata's `StatefulDataLoader` keeps the position, also with worker processes reading ahead
+    (`dataloader_num_workers`); each new pass of a `datasets` stream starts with `set_epoch`. The loader has its
+    own generator, so starting a pass draws nothing from the global RNG that noise and dropout use.
+    """
+
+    def __init__(self, dataset: IterableDataset, config: TrainingConfig, collate_fn: Callable):
+        self.dataset = dataset
+        self.source = config.train_data
+        self.epoch = 0
+        self.loader = StatefulDataLoader(
+            dataset,
+            batch_size=config.train_batch_size,
+            collate_fn=collate_fn,
+            num_workers=config.dataloader_num_workers,
+            generator=torch.Generator(),
         )
-        for batch in loader:
-            yielded = True
-            yield batch
-        # A resumed stream may start at the very end of a pass; a pass from the start must yield something.
-        if not yielded and not (first_pass and resumed):
-            raise ValueError(f"The training data {config.train_data!r} yielded no usable example.")
-        first_pass = False
-        epoch += 1
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
+        self.resumed = False
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        first_pass = True
+        while True:
+            yielded = False
+            for batch in self.loader:
+                yielded = True
+                yield batch
+            # A resumed stream may start at the very end of a pass; a pass from the start must yield something.
+            if not yielded and not (first_pass and self.resumed):
+                raise ValueError(f"The training data {self.source!r} yielded no usable example.")
+            first_pass = False
+            self.epoch += 1
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]):
+        self.epoch = state["epoch"]
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        self.loader.load_state_dict(state["loader"])
+        self.resumed = True
 
 
 def recording_keys(stream: Iterator[dict[str, Any]], path: Path) -> Iterator[dict[str, Any]]:
@@ -106,8 +130,8 @@ def train(
 
     Args:
         compute_loss: `(model, batch) -> (loss, logs)`; the batch is what `collate_fn` returns, still on the CPU.
-        dataset: this rank's share of the stream (`datasets.distributed.split_dataset_by_node`); its
-            `state_dict()` / `load_state_dict()`, when present, save and restore the stream position.
+        dataset: this rank's share of the stream (`datasets.distributed.split_dataset_by_node`); a `datasets`
+            stream's position is saved with every checkpoint and restored on resume (see [`BatchStream`]).
         export: `(unwrapped model with the final (EMA) weights, folder, last logged metrics)`, called on the main
             process at the end; writes the model there with `save_pretrained` (and a model card).
         data_stats: an object with `as_dict()` (counts of skipped images), logged with the losses.
@@ -121,17 +145,13 @@ def train(
         save_config(config, output_dir / "training_config.json")
     model, optimizer, lr_scheduler, ema = prepare_training(config, accelerator, model)
 
+    stream = BatchStream(dataset, config, collate_fn)
     step = 0
     checkpoint = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         step = state["step"]
-        data_state = state.get("data_state", [None])[accelerator.process_index]
-        if data_state is not None:
-            dataset.load_state_dict(data_state)
-            # `datasets` restores the position within a pass, not which pass it was.
-            if "epoch" in data_state:
-                dataset.set_epoch(data_state["epoch"])
+        stream.load_state_dict(state["data_state"][accelerator.process_index])
         logger.info(f"Resumed from {checkpoint} at step {step}")
 
     if accelerator.is_main_process and config.report_to:
@@ -144,14 +164,14 @@ def train(
     progress = tqdm(
         total=config.max_train_steps, initial=step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    stream = batches(dataset, config, collate_fn, resumed=checkpoint is not None)
+    batches = iter(stream)
     if config.record_example_keys:
-        stream = recording_keys(stream, output_dir / f"example_keys_rank{accelerator.process_index}.txt")
+        batches = recording_keys(batches, output_dir / f"example_keys_rank{accelerator.process_index}.txt")
     last_logs: dict[str, float] = {}
     running: dict[str, torch.Tensor] = {}  # sums since the last log, kept on the device (no sync per step)
     steps_since_log = 0
     while step < config.max_train_steps:
-        logs = optimizer_step(config, accelerator, model, optimizer, lr_scheduler, compute_loss, stream)
+        logs = optimizer_step(config, accelerator, model, optimizer, lr_scheduler, compute_loss, batches)
         if ema is not None:
             ema.step(trainable_parameters(model))
         step += 1
@@ -175,12 +195,11 @@ def train(
                     log_file.write(json.dumps({"step": step, **last_logs}) + "\n")
             progress.set_postfix(loss=f"{last_logs['loss']:.4f}")
         if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
-            data_state = dataset.state_dict() if hasattr(dataset, "state_dict") else None
             save_checkpoint(
                 accelerator,
                 output_dir,
                 step,
-                {"data_state": gather_objects(accelerator, data_state)},
+                {"data_state": gather_objects(accelerator, stream.state_dict())},
                 config.checkpoints_total_limit,
             )
     progress.close()
