@@ -31,6 +31,7 @@ from datasets import Image as ImageFeature
 from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
+FOLDER_SHARDS = 64
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
 CAPTION_COLUMNS = ("caption", "txt", "text")
 LABEL_COLUMNS = ("label", "cls")
@@ -53,7 +54,10 @@ def load_image_source(source: str, split: str = "train") -> IterableDataset:
     of `.tar` shards (`webdataset`) or `.parquet` files, or else a Hub dataset name."""
     path = Path(source)
     if path.is_dir():
-        return load_dataset("imagefolder", data_dir=source, split=split, streaming=True)
+        # Indexed once (paths and bytes into an Arrow cache), then streamed in shards that DataLoader workers and
+        # ranks can share out; streaming the folder directly gives a single shard.
+        folder = load_dataset("imagefolder", data_dir=source, split=split)
+        return folder.to_iterable_dataset(num_shards=min(FOLDER_SHARDS, len(folder)))
     files = sorted(glob.glob(source))
     if files:
         kind = "webdataset" if files[0].endswith(".tar") else "parquet" if files[0].endswith(".parquet") else None
