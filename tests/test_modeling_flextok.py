@@ -5,6 +5,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from huggingface_hub.errors import StrictDataclassError
 from reference_format import reference_config_nodes, reference_state_dict, write_hub_format, write_metadata_format
 from safetensors import safe_open
 from tiny_models import random_flextok_model, random_images, tiny_flextok_config
@@ -48,19 +49,35 @@ def test_config_round_trip_and_auto_classes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    "overrides, message",
     [
-        {"encoder_attention_mask": "sliding"},
-        {"decoder_register_steps": ["position_embedding", "nested_dropout"]},
-        {"nested_dropout_mode": "random"},
-        {"encoder_hidden_size": 70},
-        {"image_size": 18},
-        {"image_size": 32},
+        ({"num_registers": "eight"}, "field 'num_registers'"),
+        ({"num_registers": 0}, "field 'num_registers'"),
+        ({"encoder_mlp_ratio": "4"}, "field 'encoder_mlp_ratio'"),
+        ({"qk_norm": 1}, "field 'qk_norm'"),
+        ({"fsq_levels": [8, "5"]}, "field 'fsq_levels'"),
+        ({"null_condition_prob": 1.5}, "field 'null_condition_prob'"),
+        ({"encoder_attention_mask": "sliding"}, "field 'encoder_attention_mask'"),
+        ({"nested_dropout_mode": "random"}, "field 'nested_dropout_mode'"),
+        ({"fsq_levels": [8, 1]}, "fsq_levels"),
+        ({"decoder_register_steps": ["position_embedding", "nested_dropout"]}, "decoder_register_steps"),
+        ({"encoder_hidden_size": 70}, "encoder_hidden_size"),
+        ({"image_size": 18}, "image_size"),
+        ({"image_size": 32}, "image_size"),
+        ({"vae_config": {"latent_channels": 4}}, "block_out_channels"),
     ],
 )
-def test_config_rejects_inconsistent_architecture(overrides):
-    with pytest.raises(ValueError):
+def test_config_rejects_bad_fields(overrides, message):
+    with pytest.raises(StrictDataclassError, match=message):
         tiny_flextok_config(**overrides)
+
+
+def test_bad_config_json_is_refused_by_field_name(tmp_path):
+    tiny_flextok_config().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, num_registers="eight")))
+    with pytest.raises(StrictDataclassError, match="field 'num_registers'"):
+        FlexTokModel.from_pretrained(tmp_path)
 
 
 def test_fresh_model_follows_adaln_zero_init():
