@@ -463,6 +463,7 @@ def test_reference_loader_rejects_mismatched_checkpoints(tmp_path):
         (torch.full((1, 3, 16, 16), 255.0), r"\[-1, 1\]"),
         (torch.zeros(1, 3, 16, 16, dtype=torch.uint8), "floating-point"),
         (torch.full((1, 3, 16, 16), float("nan")), "NaN"),
+        (torch.rand(0, 3, 16, 16), "empty batch"),
     ],
 )
 def test_bad_images_raise(model, bad_images, message):

@@ -491,6 +491,8 @@ class FlexTokModel(FlexTokPreTrainedModel):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a tensor [B, 3, H, W] in [-1, 1], got {shape}.")
+        if len(images) == 0:
+            raise ValueError(f"images must hold at least one image, got an empty batch {tuple(images.shape)}.")
         if not images.is_floating_point():
             raise ValueError(f"images must be a floating-point tensor in [-1, 1], got dtype {images.dtype}.")
         self.check_image_size(images.shape[2], images.shape[3])
