@@ -29,8 +29,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "flextok-convert=flextok_hf.convert_flextok_checkpoint:main",
-            "flextok-reconstruct=flextok_hf.reconstruction_grid:main",
+            "flextok-hf=flextok_hf.cli:main",
+            "flextok-convert=flextok_hf.cli:convert_main",
+            "flextok-reconstruct=flextok_hf.cli:reconstruct_main",
         ]
     },
 )
