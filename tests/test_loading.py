@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from test_parity import REFERENCE_DIR, VECTOR_SETS
 from tiny_models import random_flextok_model, random_images
 
-from flextok_hf import FlexTokModel
+from flextok_hf import FlexTokConfig, FlexTokModel
+from flextok_hf.loading_reference import parse_reference_config
 
 MODEL_REPO = "EPFL-VILAB/flextok_d18_d28_dfn"
 VAE_REPO = "EPFL-VILAB/flextok_vae_c16"
@@ -118,3 +119,10 @@ def test_unreadable_weights_are_named(tmp_path, layout, how):
     _corrupt(weights, how)
     with pytest.raises(ValueError, match=rf"{weights.name} is corrupt or truncated"):
         FlexTokModel.from_pretrained(source)
+
+
+def test_benchmark_config_is_the_released_d18_d28_size():
+    """The benchmark builds ours and the reference from this one released-format config."""
+    config_file = Path(__file__).resolve().parents[1] / "benchmarks" / "flextok_d18_d28_reference_config.json"
+    config, _ = parse_reference_config(json.loads(config_file.read_text()))
+    assert config.to_diff_dict() == FlexTokConfig().to_diff_dict()
