@@ -25,6 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_flextok import FlexTokConfig
+from .hub_utils import ModelCardMixin
 from .loading_reference import find_checkpoint, load_reference_checkpoint
 
 # Guidance constants of the released sampler (APG, arXiv 2410.02416).
@@ -402,7 +403,7 @@ class FlexTokDecoder(nn.Module):
         return unpatchify(patches, self.config.patch_size, self.config.latent_channels)
 
 
-class FlexTokPreTrainedModel(PreTrainedModel):
+class FlexTokPreTrainedModel(ModelCardMixin, PreTrainedModel):
     config_class = FlexTokConfig
     base_model_prefix = "flextok"
     main_input_name = "pixel_values"
