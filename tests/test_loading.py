@@ -1,7 +1,9 @@
-"""Loading by Hub repo id through huggingface_hub's cache (offline), and unreadable weights files."""
+"""Loading: by Hub repo id through huggingface_hub's cache (offline), unreadable weights files, the lazy import."""
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from huggingface_hub import constants
 from reference_format import write_hub_format, write_metadata_format
 from safetensors.torch import load_file, save_file
 from test_parity import REFERENCE_DIR, VECTOR_SETS
-from tiny_models import random_flextok_model, random_images
+from tiny_models import random_ar_model, random_flextok_model, random_images
 
 from flextok_hf import FlexTokConfig, FlexTokModel
 from flextok_hf.loading_reference import parse_reference_config
@@ -126,3 +128,23 @@ def test_benchmark_config_is_the_released_d18_d28_size():
     config_file = Path(__file__).resolve().parents[1] / "benchmarks" / "flextok_d18_d28_reference_config.json"
     config, _ = parse_reference_config(json.loads(config_file.read_text()))
     assert config.to_diff_dict() == FlexTokConfig().to_diff_dict()
+
+
+@pytest.mark.parametrize("first", ["flextok_hf", "transformers"])
+def test_import_is_lazy_and_auto_model_knows_flextok(tmp_path, first):
+    """`import flextok_hf` loads neither torch nor a model; `AutoModel` still finds both FlexTok models, whichever
+    of the two packages is imported first. A fresh interpreter, as this one has imported everything already."""
+    random_flextok_model().save_pretrained(tmp_path / "tokenizer")
+    random_ar_model().save_pretrained(tmp_path / "generator")
+    imports = {
+        "flextok_hf": "import flextok_hf\nassert 'torch' not in sys.modules\nfrom transformers import AutoModel",
+        "transformers": "from transformers import AutoModel\nimport flextok_hf",
+    }[first]
+    script = f"""import sys
+{imports}
+for folder in ("tokenizer", "generator"):
+    print(type(AutoModel.from_pretrained({str(tmp_path)!r} + "/" + folder)).__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["FlexTokModel", "FlexTokARModel"]
