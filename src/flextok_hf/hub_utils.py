@@ -122,7 +122,7 @@ def create_model_card(
             `metrics` maps a metric's name to its value.
         license, tags (*optional*): card metadata; FlexTok's own tags and a model's `model_tags` are added.
     """
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline  # not at the top: the modeling modules import this one while loading
 
     if isinstance(obj, DiffusionPipeline):
         describe, library = _pipeline_description, "diffusers"
