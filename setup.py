@@ -12,11 +12,11 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.56",
+        "transformers>=5.23",  # strict dataclass configs
         "diffusers>=0.35",
         "accelerate>=1.0",
         "safetensors>=0.4",
-        "huggingface-hub>=0.34",
+        "huggingface-hub>=1.31",
         "datasets>=3.0",
         "evaluate>=0.4",
         "torchdata>=0.10",
@@ -32,8 +32,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "flextok-convert=flextok_hf.convert_flextok_checkpoint:main",
-            "flextok-reconstruct=flextok_hf.reconstruction_grid:main",
+            "flextok-hf=flextok_hf.cli:main",
+            "flextok-convert=flextok_hf.cli:convert_main",
+            "flextok-reconstruct=flextok_hf.cli:reconstruct_main",
         ]
     },
 )

@@ -3,7 +3,9 @@ reference implementation (apple/ml-flextok) measured in the same process at the 
 
     python benchmarks/benchmark_flextok.py [--batch 64] [--steps 20] [--reference-src PATH/TO/ml-flextok] [--compile]
 
-Settings follow shared/reference/SPEC.md section 5: 256x256 images, all 256 tokens, APG 7.5, batch 64.
+Settings follow shared/reference/SPEC.md section 5: 256x256 images, all 256 tokens, APG 7.5, batch 64. Both models
+are built from one config in the released format (default: `flextok_d18_d28_reference_config.json` beside this
+script, the d18-d28 size with per-subsequence adaLN), which our loader maps onto `FlexTokConfig`.
 "float32" runs both in float32 with PyTorch's default precision settings; "bfloat16" runs ours with bfloat16
 weights and the reference under bfloat16 autocast, its documented fast path (compiled FlexAttention). One decoder
 step (cond + uncond) is (detokenize with `steps` steps - detokenize with 1 step) / (steps - 1). Prints a table.
@@ -12,6 +14,7 @@ step (cond + uncond) is (detokenize with `steps` steps - detokenize with 1 step)
 import argparse
 import copy
 import gc
+import json
 import sys
 import time
 from contextlib import nullcontext
@@ -19,7 +22,10 @@ from pathlib import Path
 
 import torch
 
-from flextok_hf import FlexTokConfig, FlexTokModel
+from flextok_hf import FlexTokModel
+from flextok_hf.loading_reference import parse_reference_config
+
+DEFAULT_CONFIG = Path(__file__).with_name("flextok_d18_d28_reference_config.json")
 
 
 def timed(fn, repeats: int = 1) -> float:
@@ -66,17 +72,15 @@ def measure_ours(config, images, dtype, steps, compile_decoder=False):
         )
 
 
-def measure_reference(config, images, dtype, steps, reference_src):
+def measure_reference(nodes, images, dtype, steps, reference_src):
     # The reference is read from a local checkout and never part of this project.
     sys.path.insert(0, str(reference_src))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from flextok.flextok_wrapper import FlexTokFromHub
-    from reference_format import reference_config_nodes
 
     release_memory()
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = FlexTokFromHub(copy.deepcopy(reference_config_nodes(config))).eval()
+        model = FlexTokFromHub(copy.deepcopy(nodes)).eval()
     autocast = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else nullcontext()
     with torch.no_grad(), autocast:
         ids = model.tokenize(images)
@@ -91,9 +95,12 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--reference-src", help="folder holding the reference's `flextok` package")
     parser.add_argument("--compile", action="store_true", help="also time ours with a torch.compile'd decoder")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="model config in the released (reference) format")
     args = parser.parse_args()
 
-    config = FlexTokConfig()  # d18 encoder, d28 decoder with per-subsequence adaLN: the SPEC's benchmark size
+    with open(args.config) as f:
+        nodes = json.load(f)
+    config, _ = parse_reference_config(nodes)
     images = torch.rand(args.batch, 3, 256, 256, device="cuda") * 2 - 1
     rows = []
     for dtype_name in args.dtypes:
@@ -103,7 +110,7 @@ def main():
             compiled = measure_ours(config, images, dtype, args.steps, compile_decoder=True)
             rows.append(("flextok-hf, compiled decoder", dtype_name, compiled))
         if args.reference_src:
-            reference = measure_reference(config, images, dtype, args.steps, args.reference_src)
+            reference = measure_reference(nodes, images, dtype, args.steps, args.reference_src)
             rows.append(("reference", dtype_name, reference))
 
     device = torch.cuda.get_device_name()

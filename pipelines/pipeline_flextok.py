@@ -12,6 +12,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import replace_example_docstring
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from flextok_hf.hub_utils import ModelCardMixin
 from flextok_hf.modeling_flextok import FlexTokModel
 from flextok_hf.modeling_flextok_ar import FlexTokARModel
 
@@ -46,7 +47,7 @@ class FlexTokPipelineOutput(ImagePipelineOutput):
     tokens: torch.LongTensor | None = None
 
 
-class FlexTokPipeline(DiffusionPipeline):
+class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
     r"""
     Generates images with FlexTok: `ar_model` samples FlexTok token ids given class labels or a text prompt, and the
     `flextok` tokenizer's rectified-flow decoder turns any number of them (1 to `num_registers`) into an image.

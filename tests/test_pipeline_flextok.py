@@ -13,7 +13,6 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-from diffusers.utils import PushToHubMixin
 from tiny_models import random_ar_model, random_flextok_model
 from transformers import AutoModel, AutoTokenizer
 
@@ -356,10 +355,6 @@ def test_model_cpu_offload(saved_class_pipe, class_pipe):
     assert len(pipe._all_hooks) == 2  # ar_model and flextok; the text encoder is absent
     assert_same_outputs(class_outputs(class_pipe), class_outputs(pipe))
     assert_same_outputs(class_outputs(class_pipe, seed=1), class_outputs(pipe, seed=1))
-
-
-def test_push_to_hub_is_inherited():
-    assert FlexTokPipeline.push_to_hub is PushToHubMixin.push_to_hub
 
 
 # ------------------------------------------------------------------------------------------- bad inputs

@@ -3,12 +3,12 @@
 import numpy as np
 import PIL.Image
 
-from flextok_hf.reconstruction_grid import main
+from flextok_hf.cli import main
 
 
 def test_reconstruction_grid_writes_the_input_and_one_image_per_prefix(tmp_path):
     output = tmp_path / "grid.png"
-    main(["--model", "random", "--output", str(output), "--num-tokens", "1", "16", "--steps", "1", "--device", "cpu"])
+    main(["reconstruct", "--model", "random", "--output", str(output), "--num-tokens", "1", "16", "--steps", "1"])
     grid = PIL.Image.open(output)
     assert grid.size == (3 * 256, 256)  # the photo, then reconstructions from 1 and 16 tokens
     tiles = [np.asarray(grid.crop((256 * i, 0, 256 * (i + 1), 256)), dtype=np.float32) for i in range(3)]

@@ -1,8 +1,12 @@
 """FlexTok tokenizer configuration."""
 
 import math
+from dataclasses import field
+from typing import Literal
 
-from transformers import PretrainedConfig
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.utils.type_validators import interval, probability
 
 # The SD-style VAE of the released models (EPFL-VILAB/flextok_vae_c16), as a diffusers AutoencoderKL config.
 DEFAULT_VAE_CONFIG = {
@@ -21,11 +25,11 @@ DEFAULT_VAE_CONFIG = {
 }
 
 REGISTER_STEPS = ("position_embedding", "nested_dropout", "null_condition")
-ATTENTION_MASKS = ("full", "causal", "causal_last")
-NESTED_DROPOUT_MODES = ("uniform", "pow2", "uniform_pow2")
+AttentionMask = Literal["full", "causal", "causal_last"]
 
 
-class FlexTokConfig(PretrainedConfig):
+@strict
+class FlexTokConfig(PreTrainedConfig):
     r"""
     Configuration of [`FlexTokModel`]: VAE, ViT encoder with register tokens, FSQ quantiser and rectified-flow
     decoder. The defaults build the released `flextok_d18_d28` model at 256x256 pixels.
@@ -65,86 +69,57 @@ class FlexTokConfig(PretrainedConfig):
 
     model_type = "flextok"
 
-    def __init__(
-        self,
-        vae_config: dict | None = None,
-        vae_scaling_factor: float | None = None,
-        vae_sample_posterior: bool = False,
-        image_size: int = 256,
-        patch_size: int = 2,
-        max_grid_size: int = 16,
-        num_registers: int = 256,
-        fsq_levels: list[int] = (8, 8, 8, 5, 5, 5),
-        encoder_hidden_size: int = 1152,
-        encoder_num_layers: int = 18,
-        encoder_head_dim: int = 64,
-        encoder_mlp_ratio: float = 4.0,
-        encoder_attention_mask: str = "causal_last",
-        decoder_hidden_size: int = 1792,
-        decoder_num_layers: int = 28,
-        decoder_head_dim: int = 64,
-        decoder_mlp_ratio: float = 4.0,
-        decoder_attention_mask: str = "full",
-        decoder_adaln_per_subsequence: bool = True,
-        decoder_register_steps: list[str] = REGISTER_STEPS,
-        qk_norm: bool = True,
-        time_embedding_dim: int = 256,
-        max_timestep: float = 1.0,
-        nested_dropout_mode: str = "pow2",
-        null_condition_prob: float = 0.2,
-        initializer_range: float = 0.02,
-        repa_layer: int | None = None,
-        repa_feature_size: int = 768,
-        repa_projector_hidden_size: int = 2048,
-        repa_loss_weight: float = 1.0,
-        **kwargs,
-    ):
-        self.vae_config = dict(vae_config if vae_config is not None else DEFAULT_VAE_CONFIG)
-        self.vae_scaling_factor = float(
-            vae_scaling_factor if vae_scaling_factor is not None else self.vae_config.get("scaling_factor", 1.0)
-        )
-        self.vae_sample_posterior = vae_sample_posterior
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.max_grid_size = max_grid_size
-        self.num_registers = num_registers
-        self.fsq_levels = list(fsq_levels)
-        self.encoder_hidden_size = encoder_hidden_size
-        self.encoder_num_layers = encoder_num_layers
-        self.encoder_head_dim = encoder_head_dim
-        self.encoder_mlp_ratio = encoder_mlp_ratio
-        self.encoder_attention_mask = encoder_attention_mask
-        self.decoder_hidden_size = decoder_hidden_size
-        self.decoder_num_layers = decoder_num_layers
-        self.decoder_head_dim = decoder_head_dim
-        self.decoder_mlp_ratio = decoder_mlp_ratio
-        self.decoder_attention_mask = decoder_attention_mask
-        self.decoder_adaln_per_subsequence = decoder_adaln_per_subsequence
-        self.decoder_register_steps = list(decoder_register_steps)
-        self.qk_norm = qk_norm
-        self.time_embedding_dim = time_embedding_dim
-        self.max_timestep = max_timestep
-        self.nested_dropout_mode = nested_dropout_mode
-        self.null_condition_prob = null_condition_prob
-        self.initializer_range = initializer_range
-        self.repa_layer = repa_layer
-        self.repa_feature_size = repa_feature_size
-        self.repa_projector_hidden_size = repa_projector_hidden_size
-        self.repa_loss_weight = repa_loss_weight
-        super().__init__(**kwargs)
-        self._validate()
+    vae_config: dict | None = None
+    vae_scaling_factor: int | float | None = None
+    vae_sample_posterior: bool = False
+    image_size: int = interval(min=1)(default=256)
+    patch_size: int = interval(min=1)(default=2)
+    max_grid_size: int = interval(min=1)(default=16)
+    num_registers: int = interval(min=1)(default=256)
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8, 5, 5, 5])
+    encoder_hidden_size: int = interval(min=4)(default=1152)
+    encoder_num_layers: int = interval(min=1)(default=18)
+    encoder_head_dim: int = interval(min=1)(default=64)
+    encoder_mlp_ratio: int | float = interval(min=0, exclude_min=True)(default=4.0)
+    encoder_attention_mask: AttentionMask = "causal_last"
+    decoder_hidden_size: int = interval(min=4)(default=1792)
+    decoder_num_layers: int = interval(min=1)(default=28)
+    decoder_head_dim: int = interval(min=1)(default=64)
+    decoder_mlp_ratio: int | float = interval(min=0, exclude_min=True)(default=4.0)
+    decoder_attention_mask: AttentionMask = "full"
+    decoder_adaln_per_subsequence: bool = True
+    decoder_register_steps: list[str] = field(default_factory=lambda: list(REGISTER_STEPS))
+    qk_norm: bool = True
+    time_embedding_dim: int = interval(min=1)(default=256)
+    max_timestep: int | float = interval(min=0, exclude_min=True)(default=1.0)
+    nested_dropout_mode: Literal["uniform", "pow2", "uniform_pow2"] = "pow2"
+    null_condition_prob: int | float = probability(default=0.2)
+    initializer_range: int | float = interval(min=0)(default=0.02)
+    repa_layer: int | None = None
+    repa_feature_size: int = interval(min=1)(default=768)
+    repa_projector_hidden_size: int = interval(min=1)(default=2048)
+    repa_loss_weight: int | float = interval(min=0)(default=1.0)
 
-    def _validate(self):
-        for name in ("encoder_attention_mask", "decoder_attention_mask"):
-            if getattr(self, name) not in ATTENTION_MASKS:
-                raise ValueError(f"{name} must be one of {ATTENTION_MASKS}, got {getattr(self, name)!r}.")
+    def __post_init__(self, **kwargs):
+        self.vae_config = dict(self.vae_config if self.vae_config is not None else DEFAULT_VAE_CONFIG)
+        if self.vae_scaling_factor is None:
+            self.vae_scaling_factor = float(self.vae_config.get("scaling_factor", 1.0))
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Cross-field checks, run by `@strict` after the per-field type and range checks."""
+        if self.repa_layer is not None and not 0 <= self.repa_layer < self.decoder_num_layers:
+            raise ValueError(
+                f"repa_layer must index a decoder block in [0, {self.decoder_num_layers}), got {self.repa_layer}."
+            )
+        for key in ("latent_channels", "block_out_channels"):
+            if key not in self.vae_config:
+                raise ValueError(f"vae_config must be a diffusers AutoencoderKL config with {key!r}.")
+        if not self.fsq_levels or min(self.fsq_levels) < 2:
+            raise ValueError(f"fsq_levels must be a non-empty list of integers >= 2, got {self.fsq_levels}.")
         if sorted(self.decoder_register_steps) != sorted(REGISTER_STEPS):
             raise ValueError(
                 f"decoder_register_steps must order exactly {REGISTER_STEPS}, got {self.decoder_register_steps}."
-            )
-        if self.nested_dropout_mode not in NESTED_DROPOUT_MODES:
-            raise ValueError(
-                f"nested_dropout_mode must be one of {NESTED_DROPOUT_MODES}, got {self.nested_dropout_mode!r}."
             )
         for part in ("encoder", "decoder"):
             hidden, head = getattr(self, f"{part}_hidden_size"), getattr(self, f"{part}_head_dim")
@@ -152,10 +127,6 @@ class FlexTokConfig(PretrainedConfig):
                 raise ValueError(
                     f"{part}_hidden_size ({hidden}) must be a multiple of {part}_head_dim ({head}) and of 4."
                 )
-        if self.repa_layer is not None and not 0 <= self.repa_layer < self.decoder_num_layers:
-            raise ValueError(
-                f"repa_layer must index a decoder block in [0, {self.decoder_num_layers}), got {self.repa_layer}."
-            )
         largest = self.max_grid_size * self.image_multiple
         if self.image_size % self.image_multiple != 0 or self.image_size > largest:
             raise ValueError(

@@ -1,9 +1,12 @@
 """Configuration of the FlexTok autoregressive generator."""
 
-from transformers import AutoConfig, PretrainedConfig
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.utils.type_validators import interval, probability
 
 
-class FlexTokARConfig(PretrainedConfig):
+@strict
+class FlexTokARConfig(PreTrainedConfig):
     r"""
     Configuration of [`FlexTokARModel`], a LlamaGen-style decoder-only transformer that predicts FlexTok image
     tokens one after the other, coarse to fine.
@@ -45,57 +48,36 @@ class FlexTokARConfig(PretrainedConfig):
 
     model_type = "flextok_ar"
 
-    def __init__(
-        self,
-        vocab_size: int = 64000,
-        max_position_embeddings: int = 256,
-        hidden_size: int = 768,
-        num_hidden_layers: int = 12,
-        num_attention_heads: int = 12,
-        intermediate_size: int = 2048,
-        rms_norm_eps: float = 1e-5,
-        initializer_range: float = 0.02,
-        attention_dropout: float = 0.0,
-        hidden_dropout: float = 0.0,
-        num_classes: int | None = 1000,
-        class_dropout_prob: float = 0.1,
-        text_hidden_size: int | None = None,
-        text_dropout_prob: float = 0.1,
-        **kwargs,
-    ):
-        if hidden_size % num_attention_heads != 0:
+    vocab_size: int = interval(min=1)(default=64000)
+    max_position_embeddings: int = interval(min=1)(default=256)
+    hidden_size: int = interval(min=1)(default=768)
+    num_hidden_layers: int = interval(min=1)(default=12)
+    num_attention_heads: int = interval(min=1)(default=12)
+    intermediate_size: int = interval(min=1)(default=2048)
+    rms_norm_eps: float = interval(min=0, exclude_min=True)(default=1e-5)
+    initializer_range: int | float = interval(min=0)(default=0.02)
+    attention_dropout: int | float = probability(default=0.0)
+    hidden_dropout: int | float = probability(default=0.0)
+    num_classes: int | None = 1000
+    class_dropout_prob: int | float = probability(default=0.1)
+    text_hidden_size: int | None = None
+    text_dropout_prob: int | float = probability(default=0.1)
+
+    def validate_architecture(self):
+        """Cross-field checks, run by `@strict` after the per-field type and range checks."""
+        if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
-                f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})."
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})."
             )
-        if (num_classes is None) == (text_hidden_size is None):
+        if (self.num_classes is None) == (self.text_hidden_size is None):
             raise ValueError(
                 "Set exactly one of num_classes (class-conditional) or text_hidden_size (text-conditional), got "
-                f"num_classes={num_classes}, text_hidden_size={text_hidden_size}."
+                f"num_classes={self.num_classes}, text_hidden_size={self.text_hidden_size}."
             )
-        for name, prob in [
-            ("attention_dropout", attention_dropout),
-            ("hidden_dropout", hidden_dropout),
-            ("class_dropout_prob", class_dropout_prob),
-            ("text_dropout_prob", text_dropout_prob),
-        ]:
-            if not 0.0 <= prob <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {prob}.")
-
-        self.vocab_size = vocab_size
-        self.max_position_embeddings = max_position_embeddings
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.intermediate_size = intermediate_size
-        self.rms_norm_eps = rms_norm_eps
-        self.initializer_range = initializer_range
-        self.attention_dropout = attention_dropout
-        self.hidden_dropout = hidden_dropout
-        self.num_classes = num_classes
-        self.class_dropout_prob = class_dropout_prob
-        self.text_hidden_size = text_hidden_size
-        self.text_dropout_prob = text_dropout_prob
-        super().__init__(**kwargs)
+        for name in ("num_classes", "text_hidden_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be None or at least 1, got {getattr(self, name)}.")
 
     @property
     def is_text_conditional(self) -> bool:

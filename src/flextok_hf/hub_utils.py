@@ -1,78 +1,202 @@
-"""Model cards for what flextok-hf saves and pushes: the tokenizer, the AR generator, the pipeline and a VAE."""
+"""Model cards for FlexTok's models and pipeline, and the save / push plumbing that writes them.
 
-import json
-from typing import Any
+`create_model_card(obj, ...)` builds a huggingface_hub `ModelCard` (metadata + description + usage code) for a
+`FlexTokModel`, `FlexTokARModel` or `FlexTokPipeline`; training scripts pass `datasets`, `training_steps` and
+`metrics`. `ModelCardMixin` makes `save_pretrained` write that card as README.md and `push_to_hub` upload exactly
+what `save_pretrained` wrote: transformers' and diffusers' own `push_to_hub` replace README.md by a generic card.
+"""
 
-from huggingface_hub import ModelCard, ModelCardData
+import os
+import tempfile
+from pathlib import Path
 
-PAPER = "https://arxiv.org/abs/2502.13967"
+from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData
 
-USAGE = {
-    "FlexTokModel": """```python
+PAPER_TAG = "arxiv:2502.13967"
+# Arguments of `save_pretrained(..., push_to_hub=True, ...)` that concern the upload, not the files.
+UPLOAD_KWARGS = ("repo_id", "token", "private", "commit_message", "commit_description", "revision", "create_pr")
+
+
+def _hub_repo_id(name_or_path) -> str | None:
+    """`name_or_path` if it names a Hub repo (owner/name) rather than a local folder, else None."""
+    name = str(name_or_path or "")
+    return name if name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/")) else None
+
+
+def _generation_task(ar_config) -> str:
+    return "text-to-image" if ar_config.is_text_conditional else "unconditional-image-generation"
+
+
+def _tokenizer_description(model, repo_id: str) -> tuple[str, str, str, str]:
+    config, side = model.config, model.config.image_size
+    prefix = min(16, config.num_registers)
+    title = "FlexTok tokenizer"
+    summary = (
+        f"A [FlexTok](https://arxiv.org/abs/2502.13967) image tokenizer: a {side}x{side} "
+        f"image becomes an ordered sequence of 1 to {config.num_registers} discrete tokens (vocabulary "
+        f"{config.codebook_size:,}, FSQ levels {config.fsq_levels}), coarse to fine; any prefix decodes to an image "
+        f"with a rectified-flow decoder. Encoder: {config.encoder_num_layers} layers of width "
+        f"{config.encoder_hidden_size}; decoder: {config.decoder_num_layers} layers of width "
+        f"{config.decoder_hidden_size}."
+    )
+    usage = f"""import torch
 from flextok_hf import FlexTokModel
 
 model = FlexTokModel.from_pretrained("{repo_id}")
-token_ids = model.encode(images)  # [B, 3, H, W] in [-1, 1] -> [B, {num_tokens}] ids, coarse to fine
-images = model.decode(token_ids[:, :16], output_type="pil").images  # any prefix decodes
-```""",
-    "FlexTokARModel": """```python
+token_ids = model.encode(images)  # [B, 3, {side}, {side}] in [-1, 1] -> [B, {config.num_registers}], coarse to fine
+generator = torch.Generator().manual_seed(0)
+reconstructions = model.decode(token_ids[:, :{prefix}], generator=generator).images  # from {prefix} tokens"""
+    return title, summary, usage, "image-to-image"
+
+
+def _generator_description(model, repo_id: str) -> tuple[str, str, str, str]:
+    config = model.config
+    condition = (
+        f"the hidden states of a text encoder (width {config.text_hidden_size})"
+        if config.is_text_conditional
+        else f"one of {config.num_classes} class labels"
+    )
+    title = "FlexTok autoregressive generator"
+    summary = (
+        f"A decoder-only transformer ({config.num_hidden_layers} layers of width {config.hidden_size}) that samples "
+        f"[FlexTok](https://arxiv.org/abs/2502.13967) image tokens (vocabulary {config.vocab_size:,}, up to "
+        f"{config.max_position_embeddings} tokens), coarse to fine, given {condition}. A FlexTok tokenizer's decoder "
+        "renders the tokens into an image; `FlexTokPipeline` does both."
+    )
+    num_tokens = min(32, config.max_position_embeddings)
+    condition_arguments = (
+        "encoder_hidden_states=text_states, encoder_attention_mask=text_mask"  # a text encoder's outputs
+        if config.is_text_conditional
+        else f"class_labels=torch.tensor({list(range(min(2, config.num_classes)))})"
+    )
+    usage = f"""import torch
 from flextok_hf import FlexTokARModel
 
 model = FlexTokARModel.from_pretrained("{repo_id}")
-tokens = model.generate_tokens(class_labels=torch.tensor([207]), num_tokens=64, guidance_scale=4.0)
-```""",
-    "FlexTokPipeline": """```python
+token_ids = model.generate_tokens({condition_arguments}, num_tokens={num_tokens})  # [batch, {num_tokens}]"""
+    return title, summary, usage, _generation_task(config)
+
+
+def _pipeline_description(pipeline, repo_id: str) -> tuple[str, str, str, str]:
+    ar_config, tokenizer_config = pipeline.ar_model.config, pipeline.flextok.config
+    title = "FlexTok pipeline"
+    condition = "a text prompt" if ar_config.is_text_conditional else "a class label"
+    summary = (
+        f"A diffusers pipeline that generates {tokenizer_config.image_size}x{tokenizer_config.image_size} images "
+        f"from {condition} with [FlexTok](https://arxiv.org/abs/2502.13967): an autoregressive model samples 1 to "
+        f"{pipeline.max_num_tokens} tokens, coarse to fine, and the FlexTok tokenizer's rectified-flow decoder "
+        "renders them. Few tokens give a coarse image, more tokens add detail."
+    )
+    if ar_config.is_text_conditional:
+        prompt = '"a lighthouse at night"'
+    else:
+        prompt = f"class_labels={list(range(min(2, ar_config.num_classes)))}"
+    usage = f"""import torch
 from flextok_hf import FlexTokPipeline
 
 pipe = FlexTokPipeline.from_pretrained("{repo_id}")
-images = pipe({condition}, num_tokens=64).images
-```""",
-    "AutoencoderKL": """```python
-from diffusers import AutoencoderKL
-
-vae = AutoencoderKL.from_pretrained("{repo_id}")  # the VAE a FlexTok tokenizer is trained on
-```""",
-}
+generator = torch.Generator().manual_seed(0)
+images = pipe({prompt}, num_tokens={min(32, pipeline.max_num_tokens)}, generator=generator).images"""
+    return title, summary, usage, _generation_task(ar_config)
 
 
 def create_model_card(
-    model: Any,
-    repo_id: str = "path/to/this/folder",
-    base_model: str | None = None,
-    training: dict[str, Any] | None = None,
+    obj,
+    repo_id: str | None = None,
+    *,
+    base_model: str | list[str] | None = None,
+    datasets: list[str] | None = None,
+    training_steps: int | None = None,
+    metrics: dict[str, float] | None = None,
+    license: str | None = None,
+    tags: list[str] | None = None,
 ) -> ModelCard:
-    """A model card for a `FlexTokModel`, `FlexTokARModel`, `FlexTokPipeline` or diffusers `AutoencoderKL`: Hub
-    metadata (`library_name`, tags, `pipeline_tag`, `base_model`), what the model is, how to load it, and, for a
-    trained model, how it was trained (`training`: data, steps, final metrics...)."""
-    kind = type(model).__name__
-    if kind not in USAGE:
-        raise ValueError(f"No model card for {kind}; expected one of {sorted(USAGE)}.")
-    text_conditional = kind == "FlexTokPipeline" and model.ar_model.config.is_text_conditional
-    pipeline_tag = {
-        "FlexTokModel": "image-to-image",
-        "AutoencoderKL": "image-to-image",
-        "FlexTokARModel": "text-to-image" if getattr(model.config, "is_text_conditional", False) else None,
-        "FlexTokPipeline": "text-to-image" if text_conditional else "unconditional-image-generation",
-    }[kind]
+    """A model card for a `FlexTokModel`, `FlexTokARModel` or `FlexTokPipeline`.
+
+    Args:
+        obj: the model or pipeline; its config gives the description, the task (`pipeline_tag`) and the usage code.
+        repo_id (`str`, *optional*): where it will live, for the usage code.
+        base_model (`str` or `list[str]`, *optional*): what it was converted or fine-tuned from; by default the Hub
+            repos it (or, for a pipeline, each component) was loaded from, other than `repo_id`.
+        datasets, training_steps, metrics (*optional*): how it was trained and how it scores, for training scripts;
+            `metrics` maps a metric's name to its value.
+        license, tags (*optional*): card metadata; FlexTok's own tags and a model's `model_tags` are added.
+    """
+    from diffusers import DiffusionPipeline  # not at the top: the modeling modules import this one while loading
+
+    if isinstance(obj, DiffusionPipeline):
+        describe, library = _pipeline_description, "diffusers"
+        sources = [obj.name_or_path] + [getattr(obj, name).name_or_path for name in ("flextok", "ar_model")]
+    else:
+        describe = {"flextok": _tokenizer_description, "flextok_ar": _generator_description}[obj.config.model_type]
+        library, sources = "transformers", [obj.name_or_path]
+    title, summary, usage, task = describe(obj, repo_id or "path/to/this/folder")
+    model_tags = getattr(obj, "model_tags", None) or []  # transformers' `add_model_tags`
+    if base_model is None:
+        base_model = list(dict.fromkeys(s for s in map(_hub_repo_id, sources) if s not in (None, repo_id))) or None
+
+    sections = [f"# {title}", summary, f"## Usage\n\nNeeds `pip install flextok-hf`.\n\n```python\n{usage}\n```"]
+    if datasets or training_steps is not None or metrics:
+        lines = [f"- data: {', '.join(datasets)}"] if datasets else []
+        lines += [f"- training steps: {training_steps:,}"] if training_steps is not None else []
+        lines += [f"- {name}: {value:g}" for name, value in (metrics or {}).items()]
+        sections.append("## Training\n\n" + "\n".join(lines))
     data = ModelCardData(
-        library_name="diffusers" if kind in ("FlexTokPipeline", "AutoencoderKL") else "transformers",
-        tags=["flextok", "flextok-hf", "image-tokenizer" if kind == "FlexTokModel" else "image-generation"],
-        pipeline_tag=pipeline_tag,
+        library_name=library,
+        pipeline_tag=task,
+        tags=list(dict.fromkeys(["flextok", "image-tokenizer", PAPER_TAG, *(tags or []), *model_tags])),
         base_model=base_model,
-        license="apache-2.0",
+        datasets=datasets,
+        license=license,
     )
-    num_tokens = model.config.num_registers if kind == "FlexTokModel" else 256
-    condition = '"a photo of a lighthouse"' if text_conditional else "class_labels=[207]"
-    usage = USAGE[kind].format(repo_id=repo_id, num_tokens=num_tokens, condition=condition)
-    sections = [
-        f"# {kind} (flextok-hf)",
-        f"FlexTok ([Bachmann et al. 2025]({PAPER})) resamples an image into an ordered sequence of 1 to 256 discrete "
-        "tokens; any prefix decodes to a plausible image, coarse to fine. Install with `pip install flextok-hf`.",
-        "## Usage",
-        usage,
-    ]
-    if base_model:
-        sections.append(f"Fine-tuned from `{base_model}`.")
-    if training:
-        sections += ["## Training", "```json", json.dumps(training, indent=2, default=str), "```"]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+class ModelCardMixin:
+    """For FlexTok's models and pipeline (listed before `PreTrainedModel` / `DiffusionPipeline` in the bases):
+    `save_pretrained` also writes `create_model_card(self)` as README.md, and `push_to_hub` uploads what
+    `save_pretrained` writes, card included."""
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        upload_kwargs = {key: kwargs.pop(key) for key in UPLOAD_KWARGS if key in kwargs}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        create_model_card(self, upload_kwargs.get("repo_id")).save(os.path.join(save_directory, "README.md"))
+        if push_to_hub:
+            upload_kwargs.setdefault("repo_id", Path(save_directory).name)
+            upload_saved_folder(save_directory, **upload_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **save_kwargs,
+    ) -> CommitInfo:
+        """Saves into a temporary folder with `save_pretrained(**save_kwargs)` (model card included) and uploads
+        it to the Hub repo `repo_id`, created if needed. Returns the commit's info."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, repo_id=repo_id, **save_kwargs)
+            return upload_saved_folder(
+                folder,
+                repo_id,
+                commit_message=commit_message or f"Upload {type(self).__name__}",
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+
+def upload_saved_folder(folder, repo_id: str, private: bool | None = None, token=None, **commit_kwargs) -> CommitInfo:
+    """Creates the Hub repo `repo_id` if needed and commits the content of `folder` to it."""
+    api = HfApi(token=token)  # made per call, so it reads the endpoint configured now
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, **commit_kwargs)

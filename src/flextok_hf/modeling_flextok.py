@@ -17,6 +17,7 @@ from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normal
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
@@ -24,7 +25,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_flextok import FlexTokConfig
-from .convert_flextok_checkpoint import find_reference_checkpoint, load_reference_checkpoint
+from .hub_utils import ModelCardMixin
+from .loading_reference import find_checkpoint, load_reference_checkpoint
 
 # Guidance constants of the released sampler (APG, arXiv 2410.02416).
 APG_MOMENTUM = -0.5
@@ -468,7 +470,7 @@ def repa_alignment_loss(
     return 1 - similarity.mean()
 
 
-class FlexTokPreTrainedModel(PreTrainedModel):
+class FlexTokPreTrainedModel(ModelCardMixin, PreTrainedModel):
     config_class = FlexTokConfig
     base_model_prefix = "flextok"
     main_input_name = "pixel_values"
@@ -535,18 +537,28 @@ class FlexTokModel(FlexTokPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, vae_config=None, **kwargs):
         """Loads our format (transformers `save_pretrained`) or a released checkpoint in the reference's format
         (hydra-style `config.json` + `model.safetensors`, or one `.safetensors` file carrying the config in its
-        metadata). For the released format, `vae_config` (a diffusers config dict, a JSON file or a folder) stands
-        in for the VAE repo the checkpoint names; by default it is looked up beside the checkpoint, then on the Hub.
+        metadata), from a folder, a file or a Hub repo id. For the released format, `vae_config` (a diffusers config
+        dict, a JSON file or a folder) stands in for the VAE repo the checkpoint names; by default it is looked up
+        beside the checkpoint, then in that repo.
         """
-        reference = find_reference_checkpoint(pretrained_model_name_or_path, **kwargs)
-        if reference is not None:
-            return load_reference_checkpoint(cls, pretrained_model_name_or_path, reference, vae_config, **kwargs)
+        if kwargs.get("config") is not None:  # a given config means our format
+            checkpoint = None
+        else:
+            checkpoint = find_checkpoint(pretrained_model_name_or_path, **kwargs)
+            if checkpoint.is_reference_format:
+                return load_reference_checkpoint(cls, checkpoint, vae_config, **kwargs)
+            kwargs["config"] = checkpoint.config_file  # read once: transformers need not resolve it again
         if vae_config is not None:
             raise ValueError(
                 f"vae_config only applies to checkpoints in the reference format; {pretrained_model_name_or_path} "
                 "is not one (our format keeps the VAE config in its config.json)."
             )
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError:  # its message does not say which file: find it
+            if checkpoint is not None:
+                checkpoint.check_weights()
+            raise
 
     # ----------------------------------------------------------------------------------------- input checks
 
@@ -555,6 +567,8 @@ class FlexTokModel(FlexTokPreTrainedModel):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a tensor [B, 3, H, W] in [-1, 1], got {shape}.")
+        if len(images) == 0:
+            raise ValueError(f"images must hold at least one image, got an empty batch {tuple(images.shape)}.")
         if not images.is_floating_point():
             raise ValueError(f"images must be a floating-point tensor in [-1, 1], got dtype {images.dtype}.")
         self.check_image_size(images.shape[2], images.shape[3])

@@ -19,6 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutput
 
 from .configuration_flextok_ar import FlexTokARConfig
+from .hub_utils import ModelCardMixin
 
 
 class FlexTokARRMSNorm(nn.Module):
@@ -117,7 +118,7 @@ class FlexTokARDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-class FlexTokARPreTrainedModel(PreTrainedModel):
+class FlexTokARPreTrainedModel(ModelCardMixin, PreTrainedModel):
     config: FlexTokARConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True

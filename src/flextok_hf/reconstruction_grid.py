@@ -1,19 +1,11 @@
-"""Tokenize a photo and write a PNG grid of its reconstructions from the first 1, 4, 16, 64, 256 tokens.
+"""A photo beside its reconstructions from the first 1, 4, 16, 64, 256 tokens (`flextok-hf reconstruct`)."""
 
-    flextok-reconstruct --model random --output grid.png                       # offline, fresh random model
-    flextok-reconstruct --model EPFL-VILAB/flextok_d18_d28_dfn --output grid.png   # released weights
-
-Without `--image` the photo is scikit-image's astronaut (`pip install scikit-image`).
-"""
-
-import argparse
-
-import numpy as np
 import PIL.Image
 import torch
 
 from .configuration_flextok import FlexTokConfig
 from .modeling_flextok import FlexTokModel
+from .utils import check_num_tokens
 
 
 def small_random_model(seed: int = 0) -> FlexTokModel:
@@ -30,55 +22,23 @@ def small_random_model(seed: int = 0) -> FlexTokModel:
     return model
 
 
-def load_photo(path: str | None, size: int) -> torch.Tensor:
-    """`[1, 3, size, size]` in [-1, 1], center-cropped and resized."""
-    if path is None:
-        from skimage import data
+@torch.no_grad()
+def reconstruction_grid(
+    model: FlexTokModel, photo: PIL.Image.Image, num_tokens=(1, 4, 16, 64, 256), **decode_kwargs
+) -> tuple[PIL.Image.Image, torch.LongTensor]:
+    """Tokenizes `photo` (resized and center-cropped to `config.image_size` by the model's `VaeImageProcessor`)
+    and decodes the first k tokens for each k in `num_tokens`, in one batch. `decode_kwargs` go to
+    [`~FlexTokModel.decode`].
 
-        image = PIL.Image.fromarray(data.astronaut())
-    else:
-        image = PIL.Image.open(path).convert("RGB")
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), PIL.Image.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-    return pixels.permute(2, 0, 1)[None]
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="random", help="'random', a Hub id or a folder (either format)")
-    parser.add_argument("--image", help="photo to tokenize (default: scikit-image's astronaut)")
-    parser.add_argument("--output", default="reconstructions.png")
-    parser.add_argument("--num-tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256])
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-
-    model = small_random_model(args.seed) if args.model == "random" else FlexTokModel.from_pretrained(args.model)
-    model = model.to(args.device)
-    image = load_photo(args.image, model.config.image_size).to(args.device)
-    token_ids = model.encode(image)
-    print(f"{model.config.num_registers} token ids, first 16: {token_ids[0, :16].tolist()}")
-    lengths = [k for k in args.num_tokens if 1 <= k <= model.config.num_registers]
-    if not lengths:
-        parser.error(f"--num-tokens must include values in [1, {model.config.num_registers}]")
-    prefixes = [token_ids[0, :k] for k in lengths]
-    generator = torch.Generator().manual_seed(args.seed)
-    reconstructions = model.decode(
-        prefixes,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        generator=generator,
-        output_type="np",
-    ).images
-    original = (image[0].permute(1, 2, 0).cpu().numpy() + 1) / 2
-    row = np.concatenate([original, *reconstructions], axis=1)
-    PIL.Image.fromarray((row.clip(0, 1) * 255).round().astype(np.uint8)).save(args.output)
-    print(f"Wrote {args.output}: the input, then reconstructions from {lengths} tokens")
-
-
-if __name__ == "__main__":
-    main()
+    Returns:
+        (the photo and its reconstructions side by side, one PIL image `size x (1 + len(num_tokens)) * size`;
+        the photo's token ids `[num_registers]`).
+    """
+    lengths = [check_num_tokens(k, model.config.num_registers) for k in num_tokens]
+    size = model.config.image_size
+    pixels = model.image_processor.preprocess(photo, height=size, width=size, resize_mode="crop").to(model.device)
+    token_ids = model.encode(pixels)[0]
+    reconstructions = model.decode([token_ids[:k] for k in lengths], output_type="pt", **decode_kwargs).images
+    row = torch.cat([pixels, reconstructions.to(pixels.dtype)]).float()
+    grid = model.image_processor.postprocess(torch.cat(list(row), dim=2)[None], output_type="pil")[0]
+    return grid, token_ids
