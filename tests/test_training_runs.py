@@ -149,3 +149,67 @@ def test_two_processes_train_as_one_ddp_job(image_folder, tmp_path):
     keys = [set((output_dir / f"example_keys_rank{rank}.txt").read_text().split()) for rank in (0, 1)]
     assert len(keys[0]) == len(keys[1]) == 4 and not keys[0] & keys[1]  # disjoint halves of the 8 images
     assert FlexTokModel.from_pretrained(output_dir / "model").config.num_registers == 8
+
+
+AR_CONFIG = str(ROOT / "training" / "configs" / "ar_tiny_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def token_data(image_folder, tmp_path_factory):
+    """The tiny tokenizer's ids of the eight images (and of their mirror images), each image its own class, as
+    parquet shards written by training/pretokenize.py."""
+    root = tmp_path_factory.mktemp("tokens")
+    labelled = root / "images"
+    for index, image in enumerate(sorted(Path(image_folder).glob("*.png"))):
+        (labelled / f"class{index}").mkdir(parents=True)
+        (labelled / f"class{index}" / image.name).write_bytes(image.read_bytes())
+    tokenizer = run_script(
+        "train_tokenizer",
+        ["--config", TOKENIZER_CONFIG, "--train_data", str(labelled), "--output_dir", str(root / "tokenizer"),
+         "--max_train_steps", "1"],
+    ).model_dir  # fmt: skip
+    main = runpy.run_path(str(ROOT / "training" / "pretokenize.py"), run_name="flextok_hf_test")["main"]
+    argv = ["--tokenizer", str(tokenizer), "--train_data", str(labelled), "--resolution", "32", "--batch_size", "2",
+            "--shard_size", "4", "--flip", "--device", "cpu"]  # fmt: skip
+    main(argv + ["--output_dir", str(root / "shards"), "--max_examples", "4"])  # killed after one shard...
+    main(argv + ["--output_dir", str(root / "shards")])  # ...and resumed: the finished shard is kept
+    return root / "shards", tokenizer
+
+
+def test_pretokenized_shards_load_with_datasets(token_data):
+    from datasets import load_dataset
+
+    shards, _ = token_data
+    assert sorted(p.name for p in shards.glob("*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet"]
+    rows = list(load_dataset("parquet", data_dir=str(shards), split="train"))
+    assert len(rows) == 8 and len({row["key"] for row in rows}) == 8
+    assert all(len(row["token_ids"]) == len(row["token_ids_flipped"]) == 8 for row in rows)
+    assert sorted(row["label"] for row in rows) == list(range(8))
+    assert all(0 <= i < 1000 for row in rows for i in row["token_ids"])
+
+
+def test_ar_training_memorises_tokens_and_exports_a_pipeline(token_data, tmp_path):
+    from datasets import load_dataset
+
+    from flextok_hf import FlexTokARModel, FlexTokPipeline
+
+    shards, tokenizer = token_data
+    argv = [
+        "--config", AR_CONFIG, "--token_data", str(shards), "--output_dir", str(tmp_path / "ar"),
+        "--max_train_steps", "150", "--logging_steps", "50", "--use_flipped_tokens", "false",
+        "--train_batch_size", "8", "--export_pipeline", "true", "--tokenizer_name_or_path", str(tokenizer),
+        "--model", "{vocab_size: 1000, max_position_embeddings: 8, hidden_size: 64, num_hidden_layers: 2, "
+        "num_attention_heads: 4, intermediate_size: 128, num_classes: 8, class_dropout_prob: 0.0}",
+    ]  # fmt: skip
+    result = run_script("train_ar", argv)
+    losses = logged_losses(tmp_path / "ar")
+    assert losses[-1] < 0.2 * losses[0]
+
+    pipeline = FlexTokPipeline.from_pretrained(result.model_dir)
+    assert isinstance(pipeline.ar_model, FlexTokARModel)
+    rows = sorted(load_dataset("parquet", data_dir=str(shards), split="train"), key=lambda row: row["label"])
+    # Each class is one image: greedy decoding reproduces its memorised sequence.
+    generated = pipeline.ar_model.generate_tokens(class_labels=torch.arange(8), num_tokens=8, do_sample=False)
+    assert generated.tolist() == [row["token_ids"] for row in rows]
+    images = pipeline(class_labels=[0, 1], num_tokens=4, num_inference_steps=2, output_type="pt").images
+    assert images.shape == (2, 3, 32, 32)
