@@ -108,6 +108,13 @@ class BatchStream:
         self.resumed = True
 
 
+def keep_log_until(path: Path, step: int):
+    """Drops the entries after `step` from a run's log: a fresh run starts it anew, a resumed one continues it."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
 def recording_keys(stream: Iterator[dict[str, Any]], path: Path) -> Iterator[dict[str, Any]]:
     """Passes the batches through, appending each example's key to `path`."""
     for batch in stream:
@@ -154,6 +161,8 @@ def train(
         stream.load_state_dict(state["data_state"][accelerator.process_index])
         logger.info(f"Resumed from {checkpoint} at step {step}")
 
+    if accelerator.is_main_process:
+        keep_log_until(output_dir / LOG_FILE, step)
     if accelerator.is_main_process and config.report_to:
         accelerator.init_trackers(config.tracker_project_name, config={k: str(v) for k, v in config.to_dict().items()})
     num_parameters = sum(p.numel() for p in trainable_parameters(model))
