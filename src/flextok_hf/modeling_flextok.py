@@ -590,8 +590,8 @@ class FlexTokModel(FlexTokPreTrainedModel):
         generators = generator if isinstance(generator, list) else [generator] * batch_size
         if len(generators) != batch_size:
             raise ValueError(f"Got {len(generators)} generators for a batch of {batch_size} images.")
-        image_shape = (1, *shape[1:])
-        return torch.cat([randn_tensor(image_shape, generator=g, device=device, dtype=torch.float32) for g in generators])
+        noise = [randn_tensor((1, *shape[1:]), generator=g, device=device, dtype=torch.float32) for g in generators]
+        return torch.cat(noise)
 
     # FlexTokPipeline calls this and the next two methods itself; under CPU offload `apply_forward_hook` moves the model
     # in first, as the offload hook does for `forward`.
