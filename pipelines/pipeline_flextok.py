@@ -100,7 +100,7 @@ class FlexTokPipeline(DiffusionPipeline):
 
     @property
     def interrupt(self) -> bool:
-        """Set to True (e.g. from `callback_on_step_end`) to skip the remaining denoising steps."""
+        """Whether the remaining denoising steps are skipped: `callback_on_step_end` sets `pipe._interrupt = True`."""
         return self._interrupt
 
     @staticmethod

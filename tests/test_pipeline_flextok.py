@@ -464,7 +464,15 @@ def test_text_pipeline_save_and_load(text_pipe, tmp_path):
 
     loaded = quiet(FlexTokPipeline.from_pretrained(tmp_path))
     arguments = dict(prompt=PROMPTS, num_tokens=3, output_type="pt", return_tokens=True, **FAST)
-    assert_same_outputs(text_pipe(generator=seeded(0), **arguments), loaded(generator=seeded(0), **arguments))
+    expected = text_pipe(generator=seeded(0), **arguments)
+    assert_same_outputs(loaded(generator=seeded(0), **arguments), expected)
+
+    # The optional components can be left out when loading, too.
+    light = quiet(FlexTokPipeline.from_pretrained(tmp_path, text_encoder=None, tokenizer=None))
+    assert light.text_encoder is None and light.tokenizer is None
+    prompt_embeds, prompt_mask, _, _ = text_pipe.encode_prompt(PROMPTS)
+    arguments.update(prompt=None, prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_mask)
+    assert_same_outputs(light(generator=seeded(0), **arguments), expected)
 
 
 # ------------------------------------------------------------------------------------------ save / load
