@@ -4,10 +4,12 @@ An autoregressive model samples an ordered 1D sequence of 1..256 FlexTok tokens,
 tokenizer's rectified-flow decoder renders that sequence into an image.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import replace_example_docstring
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -15,8 +17,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from flextok_hf.hub_utils import ModelCardMixin
 from flextok_hf.modeling_flextok import FlexTokModel
 from flextok_hf.modeling_flextok_ar import FlexTokARModel
+from flextok_hf.sampling import FlowGuidance, check_guidance_scale, flow_sigmas
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -39,7 +42,8 @@ class FlexTokPipelineOutput(ImagePipelineOutput):
 
     Args:
         images (`list[PIL.Image.Image]`, `np.ndarray` `[batch, height, width, 3]` or `torch.Tensor`
-            `[batch, 3, height, width]`): the generated images, in [0, 1] for "np" and "pt".
+            `[batch, 3, height, width]`): the generated images, in [0, 1] for "np" and "pt"; for "latent", the
+            sampled VAE latents `[batch, latent_channels, height / f, width / f]`.
         tokens (`torch.LongTensor` `[batch, num_tokens]`, *optional*): the sampled FlexTok token ids, returned when
             `return_tokens=True`; `FlexTokModel.decode` renders them again.
     """
@@ -63,6 +67,7 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->ar_model->flextok"
     _optional_components = ["text_encoder", "tokenizer"]
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -76,46 +81,92 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
         self.register_modules(
             ar_model=ar_model, flextok=flextok, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
         )
-        self.image_processor = VaeImageProcessor(vae_scale_factor=flextok.config.vae_downsample_factor)
+        # Only `postprocess` is used ([-1, 1] images to "pt" / "np" / "pil"), which needs no VAE scale factor.
+        self.image_processor = VaeImageProcessor()
 
     @property
     def max_num_tokens(self) -> int:
         """The longest token sequence both the generator and the tokenizer handle."""
         return min(self.ar_model.config.max_position_embeddings, self.flextok.config.num_registers)
 
+    @property
+    def guidance_scale(self) -> float:
+        """The token sampler's classifier-free guidance scale of the current call."""
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps of the current call."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Whether the remaining denoising steps are skipped: `callback_on_step_end` sets `pipe._interrupt = True`."""
+        return self._interrupt
+
+    @staticmethod
+    def _num_prompts(prompt, prompt_embeds, class_labels) -> int:
+        """How many prompts or class labels were given (before `num_images_per_prompt`)."""
+        if prompt_embeds is not None:
+            return prompt_embeds.shape[0]
+        conditions = prompt if prompt is not None else class_labels
+        return len(conditions) if isinstance(conditions, list) else 1
+
     def check_inputs(
         self,
-        prompt: str | list[str] | None,
-        class_labels: int | list[int] | None,
-        negative_prompt: str | list[str] | None,
-        num_tokens: int,
-        num_images_per_prompt: int,
-        generator: torch.Generator | list[torch.Generator] | None,
-        output_type: str,
+        prompt,
+        class_labels,
+        negative_prompt,
+        prompt_embeds,
+        prompt_attention_mask,
+        negative_prompt_embeds,
+        negative_prompt_attention_mask,
+        num_tokens,
+        num_images_per_prompt,
+        guidance_scale,
+        decoder_guidance_scale,
+        num_inference_steps,
+        height,
+        width,
+        generator,
+        latents,
+        output_type,
+        callback_on_step_end_tensor_inputs,
     ) -> None:
         if self.ar_model.config.vocab_size != self.flextok.config.codebook_size:
             raise ValueError(
                 f"ar_model predicts {self.ar_model.config.vocab_size} token ids but the FlexTok codebook has "
                 f"{self.flextok.config.codebook_size}: the two models do not belong together."
             )
-        if (prompt is None) == (class_labels is None):
-            raise ValueError("Pass exactly one of `prompt` (text-conditional) or `class_labels` (class-conditional).")
+        if sum(condition is not None for condition in (prompt, prompt_embeds, class_labels)) != 1:
+            raise ValueError(
+                "Pass exactly one of `prompt` or `prompt_embeds` (text-conditional) or `class_labels` "
+                "(class-conditional)."
+            )
+        is_text = class_labels is None
 
-        if prompt is not None:
+        if is_text:
             if not self.ar_model.config.is_text_conditional:
                 raise ValueError(
                     f"This pipeline's ar_model is class-conditional ({self.ar_model.config.num_classes} classes): "
-                    "pass `class_labels`, not `prompt`."
+                    "pass `class_labels`, not `prompt` or `prompt_embeds`."
                 )
-            if self.text_encoder is None or self.tokenizer is None:
-                raise ValueError("A text prompt needs the pipeline's optional `text_encoder` and `tokenizer`.")
-            if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and len(prompt) == 0):
-                raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}.")
-            if isinstance(prompt, list) and not all(isinstance(text, str) for text in prompt):
-                raise ValueError("Every entry of `prompt` must be a string.")
+            if prompt is not None:
+                if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and len(prompt) == 0):
+                    raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}.")
+                if isinstance(prompt, list) and not all(isinstance(text, str) for text in prompt):
+                    raise ValueError("Every entry of `prompt` must be a string.")
+            elif not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
+                raise ValueError(
+                    "`prompt_embeds` must be a tensor [batch, text_length, text_hidden_size] (the text encoder's last "
+                    f"hidden states), got {getattr(prompt_embeds, 'shape', prompt_embeds)!r}."
+                )
         else:
             if self.ar_model.config.is_text_conditional:
-                raise ValueError("This pipeline's ar_model is text-conditional: pass `prompt`, not `class_labels`.")
+                raise ValueError(
+                    "This pipeline's ar_model is text-conditional: pass `prompt` or `prompt_embeds`, not "
+                    "`class_labels`."
+                )
             labels = [class_labels] if isinstance(class_labels, int) else class_labels
             if not isinstance(labels, list) or len(labels) == 0:
                 raise ValueError(f"`class_labels` must be an int or a non-empty list of ints, got {class_labels!r}.")
@@ -124,23 +175,44 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
                 if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_classes:
                     raise ValueError(f"Class ids must be ints in [0, {num_classes}), got {label!r}.")
 
-        if negative_prompt is not None:
-            if prompt is None:
+        if prompt_attention_mask is not None and prompt_embeds is None:
+            raise ValueError("`prompt_attention_mask` goes with `prompt_embeds`.")
+        if negative_prompt_attention_mask is not None and negative_prompt_embeds is None:
+            raise ValueError("`negative_prompt_attention_mask` goes with `negative_prompt_embeds`.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass `negative_prompt` or `negative_prompt_embeds`, not both.")
+        num_prompts = self._num_prompts(prompt, prompt_embeds, class_labels)
+        if negative_prompt is not None or negative_prompt_embeds is not None:
+            if not is_text:
                 raise ValueError(
                     "`negative_prompt` goes with a text `prompt`; class-conditional generation is guided by the "
                     "model's null class, so pass no `negative_prompt` with `class_labels`."
                 )
-            if not (
+            if negative_prompt_embeds is not None and (
+                not isinstance(negative_prompt_embeds, torch.Tensor)
+                or negative_prompt_embeds.ndim != 3
+                or negative_prompt_embeds.shape[0] != num_prompts
+            ):
+                raise ValueError(
+                    f"`negative_prompt_embeds` must be a tensor [{num_prompts}, text_length, text_hidden_size], one "
+                    f"per prompt, got {getattr(negative_prompt_embeds, 'shape', negative_prompt_embeds)!r}."
+                )
+            if negative_prompt is not None and not (
                 isinstance(negative_prompt, str)
                 or (isinstance(negative_prompt, list) and all(isinstance(text, str) for text in negative_prompt))
             ):
                 raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {negative_prompt!r}.")
-            num_prompts = 1 if isinstance(prompt, str) else len(prompt)
             if isinstance(negative_prompt, list) and len(negative_prompt) != num_prompts:
                 raise ValueError(
                     f"`negative_prompt` is a list of {len(negative_prompt)} but `prompt` holds {num_prompts}: pass one "
                     "negative prompt per prompt, or a single string for all of them."
                 )
+        needs_text_encoder = prompt is not None or negative_prompt is not None
+        if needs_text_encoder and (self.text_encoder is None or self.tokenizer is None):
+            raise ValueError(
+                "A text prompt needs the pipeline's optional `text_encoder` and `tokenizer`; without them, pass "
+                "`prompt_embeds` (and `negative_prompt_embeds`)."
+            )
 
         if (
             not isinstance(num_tokens, int)
@@ -150,62 +222,84 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
             raise ValueError(f"`num_tokens` must be an int in [1, {self.max_num_tokens}], got {num_tokens!r}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}.")
-        if isinstance(generator, list):
-            conditions = prompt if prompt is not None else class_labels
-            batch_size = (len(conditions) if isinstance(conditions, list) else 1) * num_images_per_prompt
-            if len(generator) != batch_size:
-                raise ValueError(
-                    f"Got a list of {len(generator)} generators for {batch_size} images; pass one generator per image "
-                    "(prompts or class labels times num_images_per_prompt), or a single generator."
-                )
+        check_guidance_scale(guidance_scale, "guidance_scale")
+        check_guidance_scale(decoder_guidance_scale, "decoder_guidance_scale")
+        flow_sigmas(num_inference_steps)  # raises on a bad step count
+        self.flextok.check_image_size(height, width)
+        batch_size = num_prompts * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"Got a list of {len(generator)} generators for {batch_size} images; pass one generator per image "
+                "(prompts or class labels times num_images_per_prompt), or a single generator."
+            )
+        factor = self.flextok.config.vae_downsample_factor
+        latent_shape = (batch_size, self.flextok.config.latent_channels, height // factor, width // factor)
+        if latents is not None and tuple(latents.shape) != latent_shape:
+            raise ValueError(f"`latents` must have shape {latent_shape}, got {tuple(latents.shape)}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if not set(callback_on_step_end_tensor_inputs) <= set(self._callback_tensor_inputs):
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got "
+                f"{callback_on_step_end_tensor_inputs}."
+            )
 
     def encode_prompt(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         device: torch.device | None = None,
         negative_prompt: str | list[str] | None = None,
-    ) -> tuple[torch.Tensor, torch.LongTensor, torch.Tensor | None, torch.LongTensor | None]:
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """
-        Encodes the prompts, and the negative prompts if given, with the text encoder.
+        Encodes the prompts, and the negative prompts if given, with the text encoder; precomputed embeddings are
+        used as they are. Needs only `text_encoder` and `tokenizer` (none of them with embeddings alone).
 
         Args:
-            prompt (`str` or `list[str]`): the prompts.
+            prompt (`str` or `list[str]`, *optional*): the prompts; or pass `prompt_embeds`.
             num_images_per_prompt (`int`, defaults to 1): copies of each encoding, one per image.
             device (`torch.device`, *optional*): where the encodings go; the pipeline's execution device by default.
             negative_prompt (`str` or `list[str]`, *optional*): one string for every prompt, or one per prompt. "" is
                 encoded like any text (for most tokenizers, the special tokens alone); `None` encodes nothing, and
                 `ar_model` guides with its learned null text instead.
+            prompt_embeds (`torch.Tensor` `[batch, text_length, text_hidden_size]`, *optional*): precomputed last
+                hidden states of the text encoder, with their `prompt_attention_mask` `[batch, text_length]` (all
+                ones if omitted).
+            negative_prompt_embeds, negative_prompt_attention_mask (*optional*): the same for the negative prompts.
 
         Returns:
-            `prompt_embeds` `[batch * num_images_per_prompt, text_length, text_hidden_size]` (the text encoder's last
-            hidden states), `prompt_attention_mask` `[batch * num_images_per_prompt, text_length]` (0 on padding),
-            and `negative_prompt_embeds`, `negative_prompt_attention_mask` of the same form with their own
-            `text_length` (both `None` without `negative_prompt`). The images of one prompt are adjacent.
+            `prompt_embeds` `[batch * num_images_per_prompt, text_length, text_hidden_size]`, `prompt_attention_mask`
+            `[batch * num_images_per_prompt, text_length]` (0 on padding), and `negative_prompt_embeds`,
+            `negative_prompt_attention_mask` of the same form with their own `text_length` (both `None` without a
+            negative prompt). The images of one prompt are adjacent.
         """
         device = device or self._execution_device
-        prompt = [prompt] if isinstance(prompt, str) else prompt
-        prompt_embeds, prompt_attention_mask = self._encode_text(prompt, num_images_per_prompt, device)
-        if negative_prompt is None:
-            return prompt_embeds, prompt_attention_mask, None, None
-        if isinstance(negative_prompt, str):
-            negative_prompt = [negative_prompt] * len(prompt)
-        negative_prompt_embeds, negative_attention_mask = self._encode_text(
-            negative_prompt, num_images_per_prompt, device
-        )
-        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_attention_mask
+        if prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else prompt
+            prompt_embeds, prompt_attention_mask = self._encode_text(prompt, device)
+        if negative_prompt is not None:
+            if isinstance(negative_prompt, str):
+                negative_prompt = [negative_prompt] * len(prompt_embeds)
+            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(negative_prompt, device)
 
-    def _encode_text(
-        self, texts: list[str], num_images_per_prompt: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        def per_image(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        return (
+            per_image(prompt_embeds),
+            per_image(prompt_attention_mask),
+            per_image(negative_prompt_embeds),
+            per_image(negative_prompt_attention_mask),
+        )
+
+    def _encode_text(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.LongTensor]:
         text_inputs = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         attention_mask = text_inputs.attention_mask.to(device)
-        text_embeds = self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask)[0]
-        text_embeds = text_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        attention_mask = attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
-        return text_embeds, attention_mask
+        return self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask)[0], attention_mask
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -226,9 +320,19 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         return_tokens: bool = False,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
     ) -> FlexTokPipelineOutput | tuple:
         r"""
         Generates images: samples FlexTok tokens with `ar_model`, then renders them with the FlexTok decoder.
@@ -238,13 +342,13 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
                 Text prompts; only for a text-conditional `ar_model`, with `text_encoder` and `tokenizer` loaded.
             class_labels (`int` or `list[int]`, *optional*):
                 Class ids in [0, `ar_model.config.num_classes`) (ImageNet ids for ImageNet models); only for a
-                class-conditional `ar_model`. Pass exactly one of `prompt` and `class_labels`.
+                class-conditional `ar_model`. Pass exactly one of `prompt`, `prompt_embeds` and `class_labels`.
             negative_prompt (`str` or `list[str]`, *optional*):
-                What the images should not show; only with `prompt`. A string applies to every prompt, a list gives
-                one per prompt (its images share it, as with `num_images_per_prompt`). The unconditional branch of the
-                token sampler's guidance then uses this text instead of the model's learned null text. `""` is
-                encoded as a real (empty) text; `None` keeps the learned null text. Ignored when `guidance_scale` is
-                1.0, as in other diffusers pipelines.
+                What the images should not show; only with `prompt` or `prompt_embeds`. A string applies to every
+                prompt, a list gives one per prompt (its images share it, as with `num_images_per_prompt`). The
+                unconditional branch of the token sampler's guidance then uses this text instead of the model's
+                learned null text. `""` is encoded as a real (empty) text; `None` keeps the learned null text.
+                Ignored when `guidance_scale` is 1.0, as in other diffusers pipelines.
             num_tokens (`int`, *optional*, defaults to the longest sequence, usually 256):
                 Tokens per image, 1 to `min(ar_model.config.max_position_embeddings, flextok.config.num_registers)`.
                 Generation stops after `num_tokens`: few tokens give a coarse image (layout, main colours), more
@@ -252,9 +356,9 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
             num_images_per_prompt (`int`, defaults to 1):
                 Images per prompt or class label; the images of one condition are adjacent in the output.
             guidance_scale (`float`, defaults to 4.0):
-                Classifier-free guidance of the token sampler: logits = u + s * (c - u), with u from the model's
-                learned null class / null text, or from `negative_prompt`. 1.0 disables it (and its extra forward
-                pass).
+                Classifier-free guidance of the token sampler, finite and >= 0: logits = u + s * (c - u), with u from
+                the model's learned null class / null text, or from `negative_prompt`. 1.0 disables it (and its extra
+                forward pass).
             temperature (`float`, defaults to 1.0):
                 Divides the guided logits before sampling; lower is more conservative.
             top_k (`int`, *optional*):
@@ -262,12 +366,13 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
             top_p (`float`, *optional*):
                 Samples from the smallest set of tokens whose probability reaches top_p (nucleus sampling).
             decoder_guidance_scale (`float`, defaults to 7.5):
-                Guidance of the FlexTok rectified-flow decoder toward the tokens; 1.0 disables it.
+                Guidance of the FlexTok rectified-flow decoder toward the tokens, finite and >= 0; 1.0 disables it.
             decoder_norm_guidance (`bool`, defaults to `True`):
-                Use adaptive projected guidance (APG, arXiv 2410.02416) in the decoder instead of plain
-                classifier-free guidance; it tolerates high guidance scales without oversaturation.
+                Use adaptive projected guidance (APG, arXiv 2410.02416) in the decoder, with the released sampler's
+                settings, instead of plain classifier-free guidance; it tolerates high guidance scales without
+                oversaturation.
             num_inference_steps (`int`, defaults to 25):
-                Euler steps of the decoder from noise to image.
+                Euler steps of the decoder from noise to image, at the noise levels i / `num_inference_steps`.
             height (`int`, *optional*, defaults to `flextok.config.image_size`):
                 Image height in pixels, a multiple of `flextok.config.image_multiple`.
             width (`int`, *optional*, defaults to `flextok.config.image_size`):
@@ -277,13 +382,30 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
                 one generator per image (batch size times `num_images_per_prompt`): each image then depends only on
                 its own generator, and equals the image of a batch of one with that generator. The batch is still
                 sampled in one loop.
+            latents (`torch.Tensor` `[batch * num_images_per_prompt, latent_channels, height / f, width / f]`,
+                *optional*):
+                The decoder's initial noise; drawn from `generator` if not given.
+            prompt_embeds (`torch.Tensor` `[batch, text_length, text_hidden_size]`, *optional*):
+                Precomputed last hidden states of the text encoder (see `encode_prompt`), instead of `prompt`; the
+                pipeline then needs no `text_encoder` or `tokenizer`.
+            prompt_attention_mask (`torch.Tensor` `[batch, text_length]`, *optional*):
+                1 for text tokens, 0 for padding; all ones if omitted.
+            negative_prompt_embeds, negative_prompt_attention_mask (`torch.Tensor`, *optional*):
+                The same for the negative prompts, one per prompt, of any text length; instead of `negative_prompt`.
             output_type (`str`, defaults to `"pil"`):
-                `"pil"` (list of `PIL.Image.Image`), `"np"` (`np.ndarray` `[batch, height, width, 3]` in [0, 1]) or
-                `"pt"` (`torch.Tensor` `[batch, 3, height, width]` in [0, 1]).
+                `"pil"` (list of `PIL.Image.Image`), `"np"` (`np.ndarray` `[batch, height, width, 3]` in [0, 1]),
+                `"pt"` (`torch.Tensor` `[batch, 3, height, width]` in [0, 1]) or `"latent"` (the sampled VAE latents,
+                not decoded).
             return_dict (`bool`, defaults to `True`):
                 Return a [`FlexTokPipelineOutput`] instead of a tuple.
             return_tokens (`bool`, defaults to `False`):
                 Also return the sampled token ids `[batch, num_tokens]`.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called at the end of each denoising step as `callback_on_step_end(self, step, timestep,
+                callback_kwargs)`, with the tensors named in `callback_on_step_end_tensor_inputs`; the tensors it
+                returns in its dict replace them.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
+                The tensors the callback gets, among `._callback_tensor_inputs`.
 
         Examples:
 
@@ -292,18 +414,50 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
             the tuple `(images,)`, or `(images, tokens)` if `return_tokens`.
         """
         num_tokens = self.max_num_tokens if num_tokens is None else num_tokens
+        height = self.flextok.config.image_size if height is None else height
+        width = self.flextok.config.image_size if width is None else width
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 1. Check inputs
         self.check_inputs(
-            prompt, class_labels, negative_prompt, num_tokens, num_images_per_prompt, generator, output_type
+            prompt,
+            class_labels,
+            negative_prompt,
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            num_tokens,
+            num_images_per_prompt,
+            guidance_scale,
+            decoder_guidance_scale,
+            num_inference_steps,
+            height,
+            width,
+            generator,
+            latents,
+            output_type,
+            callback_on_step_end_tensor_inputs,
         )
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
         device = self._execution_device
+        batch_size = self._num_prompts(prompt, prompt_embeds, class_labels) * num_images_per_prompt
 
         # 2. Encode the condition (and the negative prompt, which only guidance uses)
-        if prompt is not None:
-            negative_prompt = negative_prompt if guidance_scale != 1.0 else None
+        if class_labels is None:
             prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
-                self.encode_prompt(prompt, num_images_per_prompt, device, negative_prompt)
+                self.encode_prompt(
+                    prompt,
+                    num_images_per_prompt,
+                    device,
+                    negative_prompt if guidance_scale != 1.0 else None,
+                    prompt_embeds,
+                    prompt_attention_mask,
+                    negative_prompt_embeds,
+                    negative_prompt_attention_mask,
+                )
             )
             condition = {
                 "encoder_hidden_states": prompt_embeds,
@@ -312,35 +466,54 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
                 "negative_encoder_attention_mask": negative_prompt_attention_mask,
             }
         else:
-            class_labels = [class_labels] if isinstance(class_labels, int) else class_labels
-            class_labels = torch.tensor(class_labels, dtype=torch.long, device=device)
+            class_labels = torch.tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
             condition = {"class_labels": class_labels.repeat_interleave(num_images_per_prompt)}
 
-        # 3. Sample the token sequences, coarse to fine; a list of generators gives each image its own
-        tokens = self.ar_model.generate_tokens(
-            **condition,
-            generator=generator,
-            num_tokens=num_tokens,
-            guidance_scale=guidance_scale,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-        )
+        # 3. Generate the token sequences, coarse to fine; a list of generators gives each image its own
+        with self.progress_bar(total=num_tokens) as progress_bar:
+            tokens = self.ar_model.generate_tokens(
+                **condition,
+                num_tokens=num_tokens,
+                guidance_scale=guidance_scale,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+                callback_on_token=lambda index, tokens_so_far: progress_bar.update(),
+            )
 
-        # 4. Render the tokens with the rectified-flow decoder
-        images = self.flextok.decode(
-            tokens,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=decoder_guidance_scale,
-            norm_guidance=decoder_norm_guidance,
-            generator=generator,
-            height=height,
-            width=width,
-            output_type="pt",
-            scheduler=self.scheduler,
-            progress_bar=self.progress_bar,
-        ).images
-        images = self.image_processor.postprocess(images.float(), output_type=output_type)
+        # 4. Prepare the decoder's registers and its initial noise (the generator's next draws)
+        codes, keep_k = self.flextok.prepare_registers(tokens)
+        latents = self.flextok.prepare_latents(batch_size, height, width, generator, device, latents)
+
+        # 5. Denoising loop: Euler steps from noise to VAE latents, the decoder told the scheduler's sigmas
+        self.scheduler.set_timesteps(sigmas=flow_sigmas(num_inference_steps), device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        guidance = FlowGuidance(decoder_guidance_scale, "apg" if decoder_norm_guidance else "cfg")
+        momentum_buffer = guidance.new_momentum_buffer()
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                sigma = self.scheduler.sigmas[i].item()
+                velocity = self.flextok.guided_velocity(latents, sigma, codes, keep_k, guidance, momentum_buffer)
+                latents = self.scheduler.step(velocity, t, latents).prev_sample
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = locals()[name]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                progress_bar.update()
+
+        # 6. Decode the latents with the VAE, then post-process
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.flextok.decode_latents(latents)
+            images = self.image_processor.postprocess(images.float(), output_type=output_type)
 
         self.maybe_free_model_hooks()
 

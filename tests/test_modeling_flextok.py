@@ -240,6 +240,15 @@ def test_reconstruct(model, images):
     assert short.images.shape == (3, 4, 8, 8)
 
 
+def test_reconstruct_defaults_to_all_registers(model, images):
+    kwargs = dict(num_inference_steps=1, output_type="latent")
+    default = model.reconstruct(images, generator=torch.Generator().manual_seed(0), **kwargs)
+    every = model.reconstruct(
+        images, num_tokens=model.config.num_registers, generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    assert torch.equal(default.images, every.images)
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 
@@ -571,6 +580,9 @@ def test_bad_decode_arguments_raise(model):
         model.decode(ids, num_inference_steps=1, generator=[torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match=r"latents must have shape \(1, 4, 8, 8\)"):
         model.decode(ids, num_inference_steps=1, latents=torch.zeros(1, 4, 4, 4))
+    for scale in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
+            model.decode(ids, num_inference_steps=1, guidance_scale=scale)
 
 
 def test_vae_config_is_refused_for_our_format(model, tmp_path):

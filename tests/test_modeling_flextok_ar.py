@@ -12,7 +12,6 @@ from tiny_models import random_ar_model, tiny_ar_config
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from flextok_hf import FlexTokARConfig, FlexTokARModel
-from flextok_hf.modeling_flextok_ar import sample_from_probs
 
 TINY = tiny_ar_config()
 VOCAB_SIZE, MAX_TOKENS, NUM_CLASSES = TINY.vocab_size, TINY.max_position_embeddings, TINY.num_classes
@@ -150,18 +149,6 @@ def test_one_generator_per_row(text_encoder, text_condition, mode):
     assert not torch.equal(batch[0], batch[1])
 
 
-def test_sample_from_probs():
-    probs = torch.tensor([[0.2, 0.0, 0.8, 0.0], [0.0, 3.0, 0.0, 1.0]])  # rows need not be normalised
-    uniforms = torch.rand(4000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    draws = torch.cat([sample_from_probs(probs, row) for row in uniforms], dim=1)
-    assert abs((draws[0] == 2).double().mean().item() - 0.8) < 0.03
-    assert abs((draws[1] == 1).double().mean().item() - 0.75) < 0.03
-    assert set(draws[0].tolist()) == {0, 2} and set(draws[1].tolist()) == {1, 3}
-    # A target rounded up to the row's total still lands on a token of nonzero probability.
-    assert sample_from_probs(probs, torch.ones(2, dtype=torch.float64)).tolist() == [[2], [3]]
-    assert sample_from_probs(probs, torch.zeros(2, dtype=torch.float64)).tolist() == [[0], [1]]
-
-
 def test_guidance_changes_the_tokens():
     model = random_ar_model().double()
     plain = model.generate_tokens(**class_condition(), do_sample=False)
@@ -213,6 +200,15 @@ def test_sampling_with_top_k_one_is_greedy():
     greedy = model.generate_tokens(**class_condition(), do_sample=False)
     sampled = model.generate_tokens(**class_condition(), top_k=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sampled, greedy)
+
+
+def test_callback_on_token_sees_every_step():
+    seen = []
+    tokens = random_ar_model().generate_tokens(
+        **class_condition(), num_tokens=3, do_sample=False, callback_on_token=lambda i, t: seen.append((i, t.clone()))
+    )
+    assert [index for index, _ in seen] == [0, 1, 2]
+    assert all(torch.equal(so_far, tokens[:, : index + 1]) for index, so_far in seen)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, MAX_TOKENS])
@@ -446,6 +442,8 @@ def test_generation_refuses_an_all_padding_text():
         (dict(temperature=0.0), "temperature"),
         (dict(top_k=0), "top_k"),
         (dict(top_p=1.5), "top_p"),
+        (dict(guidance_scale=-1.0), "guidance_scale must be a finite number >= 0"),
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number >= 0"),
     ],
 )
 def test_bad_generation_arguments_raise(arguments, message):

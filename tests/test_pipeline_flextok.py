@@ -1,5 +1,6 @@
 """Tests of FlexTokPipeline on tiny random models and the real all-MiniLM-L6-v2 text encoder, offline."""
 
+import inspect
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.callbacks import PipelineCallback
 from tiny_models import random_ar_model, random_flextok_model
 from transformers import AutoModel, AutoTokenizer
 
@@ -87,10 +89,15 @@ def assert_same_outputs(first, second):
 # ----------------------------------------------------------------------------------------------- outputs
 
 
-@pytest.mark.parametrize("output_type", ["pil", "np", "pt"])
+@pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
 def test_class_conditional_output_types(class_pipe, output_type):
     images = class_outputs(class_pipe, output_type=output_type).images
-    if output_type == "pil":
+    if output_type == "latent":
+        latent_size = IMAGE_SIZE // class_pipe.flextok.config.vae_downsample_factor
+        assert images.shape == (2, class_pipe.flextok.config.latent_channels, latent_size, latent_size)
+        pt = class_outputs(class_pipe, output_type="pt").images
+        assert torch.equal(pt, (class_pipe.flextok.decode_latents(images) / 2 + 0.5).clamp(0, 1))
+    elif output_type == "pil":
         assert len(images) == 2 and all(isinstance(image, PIL.Image.Image) for image in images)
         assert images[0].size == (IMAGE_SIZE, IMAGE_SIZE)
     elif output_type == "np":
@@ -150,6 +157,115 @@ def test_images_are_the_decoded_tokens(class_pipe):
         tokens, guidance_scale=3.0, norm_guidance=False, generator=generator, **FAST
     ).images
     assert torch.equal(output.images, (decoded / 2 + 0.5).clamp(0, 1))
+
+
+def test_start_noise_can_be_given(class_pipe):
+    # Given latents leave the generator to the token sampler alone; decode from the same noise renders the same.
+    noise = class_pipe.flextok.prepare_latents(2, IMAGE_SIZE, IMAGE_SIZE, seeded(9))
+    output = class_outputs(class_pipe, seed=4, latents=noise)
+    tokens = class_pipe.ar_model.generate_tokens(
+        class_labels=torch.tensor([207, 360]), num_tokens=4, guidance_scale=4.0, generator=seeded(4)
+    )
+    assert torch.equal(output.tokens, tokens)
+    decoded = class_pipe.flextok.decode(tokens, latents=noise, **FAST).images
+    assert torch.equal(output.images, (decoded / 2 + 0.5).clamp(0, 1))
+
+
+def test_dict_and_tuple_outputs_are_equal(class_pipe):
+    as_dict = class_outputs(class_pipe)
+    images, tokens = class_outputs(class_pipe, return_dict=False)
+    assert torch.equal(images, as_dict.images) and torch.equal(tokens, as_dict.tokens)
+
+
+def test_call_signature_has_the_standard_parameters():
+    parameters = inspect.signature(FlexTokPipeline.__call__).parameters
+    standard = [
+        "prompt",
+        "negative_prompt",
+        "num_inference_steps",
+        "num_images_per_prompt",
+        "guidance_scale",
+        "height",
+        "width",
+        "generator",
+        "latents",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "output_type",
+        "return_dict",
+        "callback_on_step_end",
+        "callback_on_step_end_tensor_inputs",
+    ]
+    assert [name for name in standard if name not in parameters] == []
+    assert parameters["callback_on_step_end_tensor_inputs"].default == ["latents"]
+    assert "latents" in FlexTokPipeline._callback_tensor_inputs
+
+
+class RecordingBar:
+    """Stands in for tqdm: records each bar's total and how far it got."""
+
+    def __init__(self, bars: list, total: int):
+        self.total, self.n = total, 0
+        bars.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def update(self, n: int = 1):
+        self.n += n
+
+
+def test_progress_bars_for_the_tokens_and_the_denoising_steps(class_pipe, monkeypatch):
+    bars = []
+    monkeypatch.setattr(class_pipe, "progress_bar", lambda iterable=None, total=None: RecordingBar(bars, total))
+    class_outputs(class_pipe, num_tokens=3, num_inference_steps=4)
+    assert [(bar.total, bar.n) for bar in bars] == [(3, 3), (4, 4)]
+
+
+def test_callback_on_step_end_sees_and_replaces_the_latents(class_pipe):
+    seen = []
+
+    def callback(pipe, step, timestep, callback_kwargs):
+        seen.append((step, pipe.num_timesteps, pipe.guidance_scale, callback_kwargs["latents"].clone()))
+        return {"latents": torch.zeros_like(callback_kwargs["latents"])} if step == 2 else {}
+
+    reference = class_outputs(class_pipe, num_inference_steps=3, output_type="latent")
+    replaced = class_outputs(class_pipe, num_inference_steps=3, output_type="latent", callback_on_step_end=callback)
+    assert [(step, num_timesteps, scale) for step, num_timesteps, scale, _ in seen] == [
+        (0, 3, 4.0),
+        (1, 3, 4.0),
+        (2, 3, 4.0),
+    ]
+    assert torch.equal(seen[-1][3], reference.images)  # the latents after the last step, before the replacement
+    assert torch.count_nonzero(replaced.images) == 0
+
+
+def test_interrupt_skips_the_remaining_steps(class_pipe):
+    steps = []
+
+    def callback(pipe, step, timestep, callback_kwargs):
+        steps.append(step)
+        pipe._interrupt = True
+        return {}
+
+    output = class_outputs(class_pipe, num_inference_steps=3, output_type="latent", callback_on_step_end=callback)
+    assert steps == [0]
+    assert not torch.equal(output.images, class_outputs(class_pipe, num_inference_steps=3, output_type="latent").images)
+
+
+class ZeroLatents(PipelineCallback):
+    tensor_inputs = ["latents"]
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        return {"latents": torch.zeros_like(callback_kwargs["latents"])}
+
+
+def test_pipeline_callback_objects(class_pipe):
+    output = class_outputs(class_pipe, output_type="latent", callback_on_step_end=ZeroLatents(cutoff_step_ratio=0.5))
+    assert torch.count_nonzero(output.images) == 0
 
 
 def test_num_images_per_prompt(class_pipe):
@@ -284,6 +400,61 @@ def test_one_generator_per_image_text(text_pipe):
         torch.testing.assert_close(batch.images[index : index + 1], single.images)
 
 
+def test_encode_prompt_with_only_the_text_components(text_pipe):
+    text_only = FlexTokPipeline(
+        ar_model=None, flextok=None, scheduler=None, text_encoder=text_pipe.text_encoder, tokenizer=text_pipe.tokenizer
+    )
+    encoded = text_only.encode_prompt(PROMPTS, num_images_per_prompt=2, negative_prompt=NEGATIVE_PROMPTS)
+    expected = text_pipe.encode_prompt(PROMPTS, num_images_per_prompt=2, negative_prompt=NEGATIVE_PROMPTS)
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(encoded, expected, strict=True))
+    prompt_embeds, prompt_mask = encode(text_pipe, PROMPTS)
+    assert torch.equal(encoded[0], prompt_embeds.repeat_interleave(2, dim=0))
+    assert torch.equal(encoded[1], prompt_mask.repeat_interleave(2, dim=0))
+
+
+def test_prompt_embeds_give_the_prompt_outputs(text_pipe):
+    prompt_embeds, prompt_mask, negative_embeds, negative_mask = text_pipe.encode_prompt(
+        PROMPTS, negative_prompt=NEGATIVE_PROMPTS
+    )
+    from_text = text_outputs(text_pipe, negative_prompt=NEGATIVE_PROMPTS, num_images_per_prompt=2)
+    from_embeds = text_outputs(
+        text_pipe,
+        prompt=None,
+        prompt_embeds=prompt_embeds,
+        prompt_attention_mask=prompt_mask,
+        negative_prompt_embeds=negative_embeds,
+        negative_prompt_attention_mask=negative_mask,
+        num_images_per_prompt=2,
+    )
+    assert_same_outputs(from_embeds, from_text)
+
+
+def test_pipeline_without_text_encoder_generates_from_embeddings(text_pipe, tmp_path):
+    without_text_encoder = FlexTokPipeline(
+        ar_model=text_pipe.ar_model, flextok=text_pipe.flextok, scheduler=text_pipe.scheduler
+    )
+    without_text_encoder.save_pretrained(tmp_path)
+    model_index = json.loads((tmp_path / "model_index.json").read_text())
+    assert model_index["text_encoder"] == [None, None] and not (tmp_path / "text_encoder").exists()
+    loaded = quiet(FlexTokPipeline.from_pretrained(tmp_path))
+    assert loaded.text_encoder is None and loaded.tokenizer is None
+
+    prompt_embeds, prompt_mask, negative_embeds, negative_mask = text_pipe.encode_prompt(
+        PROMPTS, negative_prompt=NEGATIVE_PROMPTS
+    )
+    from_embeds = text_outputs(
+        loaded,
+        prompt=None,
+        prompt_embeds=prompt_embeds,
+        prompt_attention_mask=prompt_mask,
+        negative_prompt_embeds=negative_embeds,
+        negative_prompt_attention_mask=negative_mask,
+    )
+    assert_same_outputs(from_embeds, text_outputs(text_pipe, negative_prompt=NEGATIVE_PROMPTS))
+    with pytest.raises(ValueError, match="pass `prompt_embeds`"):
+        loaded(PROMPTS, **FAST)
+
+
 def test_text_pipeline_save_and_load(text_pipe, tmp_path):
     text_pipe.save_pretrained(tmp_path)
     model_index = json.loads((tmp_path / "model_index.json").read_text())
@@ -292,7 +463,15 @@ def test_text_pipeline_save_and_load(text_pipe, tmp_path):
 
     loaded = quiet(FlexTokPipeline.from_pretrained(tmp_path))
     arguments = dict(prompt=PROMPTS, num_tokens=3, output_type="pt", return_tokens=True, **FAST)
-    assert_same_outputs(text_pipe(generator=seeded(0), **arguments), loaded(generator=seeded(0), **arguments))
+    expected = text_pipe(generator=seeded(0), **arguments)
+    assert_same_outputs(loaded(generator=seeded(0), **arguments), expected)
+
+    # The optional components can be left out when loading, too.
+    light = quiet(FlexTokPipeline.from_pretrained(tmp_path, text_encoder=None, tokenizer=None))
+    assert light.text_encoder is None and light.tokenizer is None
+    prompt_embeds, prompt_mask, _, _ = text_pipe.encode_prompt(PROMPTS)
+    arguments.update(prompt=None, prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_mask)
+    assert_same_outputs(light(generator=seeded(0), **arguments), expected)
 
 
 # ------------------------------------------------------------------------------------------ save / load
@@ -349,6 +528,16 @@ def test_dtype(saved_class_pipe, flextok, dtype):
     assert output.tokens.max() < flextok.config.codebook_size
 
 
+def test_dtype_and_device_moves(saved_class_pipe, flextok):
+    pipe = quiet(FlexTokPipeline.from_pretrained(saved_class_pipe)).to(torch.bfloat16)
+    assert pipe.ar_model.dtype == pipe.flextok.dtype == torch.bfloat16 and pipe.dtype == torch.bfloat16
+    output = class_outputs(pipe)
+    assert output.images.dtype == torch.float32 and torch.isfinite(output.images).all()
+    assert output.tokens.max() < flextok.config.codebook_size
+    pipe.to("cpu", torch.float32)
+    assert pipe.device.type == "cpu" and pipe.flextok.dtype == torch.float32
+
+
 def test_model_cpu_offload(saved_class_pipe, class_pipe):
     pipe = quiet(FlexTokPipeline.from_pretrained(saved_class_pipe))
     pipe.enable_model_cpu_offload(device="cpu")
@@ -376,13 +565,22 @@ def test_model_cpu_offload(saved_class_pipe, class_pipe):
         (dict(class_labels=1, num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(class_labels=[1, 2], generator=[seeded(0)]), "one generator per image"),
         (dict(class_labels=[1, 2], num_images_per_prompt=2, generator=[seeded(0)] * 2), "one generator per image"),
-        (dict(class_labels=1, output_type="latent"), "output_type"),
+        (dict(class_labels=1, output_type="tensor"), "output_type"),
+        (dict(class_labels=1, guidance_scale=-1.0), "guidance_scale must be a finite number >= 0"),
+        (dict(class_labels=1, guidance_scale=float("nan")), "guidance_scale must be a finite number >= 0"),
+        (dict(class_labels=1, decoder_guidance_scale=-2.0), "decoder_guidance_scale must be a finite number >= 0"),
+        (dict(class_labels=1, decoder_guidance_scale=float("inf")), "decoder_guidance_scale must be a finite"),
+        (dict(class_labels=1, num_inference_steps=0), "num_inference_steps"),
+        (dict(class_labels=1, height=10), "multiples of 4"),
+        (dict(class_labels=[1, 2], latents=torch.zeros(1, 4, 8, 8)), r"latents` must have shape \(2, 4, 8, 8\)"),
+        (dict(class_labels=1, callback_on_step_end_tensor_inputs=["tokens"]), "callback_on_step_end_tensor_inputs"),
+        (dict(prompt_embeds=torch.zeros(1, 2, 384)), "class-conditional"),
         (dict(class_labels=1, negative_prompt="blurry"), "no `negative_prompt` with `class_labels`"),
     ],
 )
 def test_class_pipeline_rejects_bad_inputs(class_pipe, arguments, message):
     with pytest.raises(ValueError, match=message):
-        class_pipe(**arguments, **FAST)
+        class_pipe(**(FAST | arguments))
 
 
 @pytest.mark.parametrize(
@@ -401,13 +599,26 @@ def test_class_pipeline_rejects_bad_inputs(class_pipe, arguments, message):
         (dict(prompt="a bird", negative_prompt=3), "`negative_prompt` must be a string or a list of strings"),
         (dict(prompt=PROMPTS, negative_prompt=["blurry", None]), "`negative_prompt` must be a string or a list"),
         (dict(prompt=PROMPTS, negative_prompt=("blurry", "dark")), "`negative_prompt` must be a string or a list"),
+        (dict(prompt="a bird", prompt_embeds=torch.zeros(1, 2, 384)), "exactly one of"),
+        (dict(prompt_embeds=torch.zeros(2, 384)), r"`prompt_embeds` must be a tensor \[batch"),
+        (dict(prompt="a bird", prompt_attention_mask=torch.ones(1, 2)), "goes with `prompt_embeds`"),
+        (
+            dict(prompt_embeds=torch.zeros(1, 2, 384), negative_prompt_attention_mask=torch.ones(1, 2)),
+            "goes with `negative_prompt_embeds`",
+        ),
+        (
+            dict(prompt="a bird", negative_prompt="dark", negative_prompt_embeds=torch.zeros(1, 2, 384)),
+            "not both",
+        ),
+        (dict(prompt=PROMPTS, negative_prompt_embeds=torch.zeros(1, 2, 384)), r"tensor \[2, text_length"),
+        (dict(prompt=PROMPTS, guidance_scale=-0.5), "guidance_scale must be a finite number >= 0"),
         # Checked even where guidance is off and the negative prompt would be ignored.
         (dict(prompt=PROMPTS, negative_prompt=["blurry"], guidance_scale=1.0), "list of 1 but `prompt` holds 2"),
     ],
 )
 def test_text_pipeline_rejects_bad_inputs(text_pipe, arguments, message):
     with pytest.raises(ValueError, match=message):
-        text_pipe(**arguments, **FAST)
+        text_pipe(**(FAST | arguments))
 
 
 def test_prompt_without_text_encoder(text_pipe):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from diffusers.utils.torch_utils import randn_tensor
@@ -27,10 +27,8 @@ from transformers.utils import ModelOutput, logging
 from .configuration_flextok import FlexTokConfig
 from .hub_utils import ModelCardMixin
 from .loading_reference import find_checkpoint, load_reference_checkpoint
+from .sampling import FlowGuidance, flow_sigmas
 
-# Guidance constants of the released sampler (APG, arXiv 2410.02416).
-APG_MOMENTUM = -0.5
-APG_NORM_THRESHOLD = 2.5
 # Images may overshoot [-1, 1] a little after resizing; beyond this they are in another range.
 IMAGE_RANGE_TOLERANCE = 0.5
 
@@ -665,32 +663,62 @@ class FlexTokModel(FlexTokPreTrainedModel):
         return token_ids
 
     def prepare_latents(
-        self, batch_size: int, height: int, width: int, generator=None, device=None
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        device: torch.device | None = None,
+        latents: torch.FloatTensor | None = None,
     ) -> torch.FloatTensor:
-        """Initial noise `[B, C, H/f, W/f]` (float32), drawn image by image from `generator` (a list gives one per
-        image), so a CPU generator reproduces the reference's noise for the same seed."""
+        """Initial noise `[B, C, H/f, W/f]` in float32 on `device` (default the model's), drawn image by image from
+        `generator` (a list gives one per image), so a CPU generator reproduces the reference's noise for the same
+        seed. Given `latents` are checked and moved instead."""
         factor = self.config.vae_downsample_factor
-        shape = (1, self.config.latent_channels, height // factor, width // factor)
+        shape = (batch_size, self.config.latent_channels, height // factor, width // factor)
+        device = device or self.device
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
+            return latents.to(device=device, dtype=torch.float32)
         generators = generator if isinstance(generator, list) else [generator] * batch_size
         if len(generators) != batch_size:
             raise ValueError(f"Got {len(generators)} generators for a batch of {batch_size} images.")
-        device = device or self.device
-        return torch.cat([randn_tensor(shape, generator=g, device=device, dtype=torch.float32) for g in generators])
+        noise = [randn_tensor((1, *shape[1:]), generator=g, device=device, dtype=torch.float32) for g in generators]
+        return torch.cat(noise)
 
+    # FlexTokPipeline calls this and the next two methods itself; under CPU offload `apply_forward_hook` moves the model
+    # in first, as the offload hook does for `forward`.
+    @apply_forward_hook
+    def prepare_registers(
+        self, token_ids: torch.LongTensor | list[torch.LongTensor]
+    ) -> tuple[torch.FloatTensor, torch.LongTensor]:
+        """The decoder's condition for token ids `[B, k]` or a list of B prefixes (lengths 1..num_registers): FSQ
+        codes `[B, num_registers, len(fsq_levels)]`, zero past each prefix, and the prefix lengths `keep_k` `[B]`,
+        past which the decoder puts its mask token."""
+        padded_ids, keep_k = self.check_token_ids(token_ids)
+        return self.quantizer.indices_to_codes(padded_ids), keep_k
+
+    @apply_forward_hook
     def guided_velocity(
         self,
         latents: torch.Tensor,
-        timestep: float,
+        sigma: float,
         codes: torch.Tensor,
         keep_k: torch.LongTensor,
-        guidance_scale: float,
-        momentum_buffer: MomentumBuffer | None,
-    ) -> torch.Tensor:
-        """One velocity evaluation with guidance; cond and uncond run as one batch of 2B.
-        APG (arXiv 2410.02416) is used when `momentum_buffer` is given, else classifier-free guidance."""
+        guidance: FlowGuidance,
+        momentum_buffer: MomentumBuffer | None = None,
+    ) -> torch.FloatTensor:
+        """One guided velocity evaluation at noise level `sigma` for latents `[B, C, H/f, W/f]` and the registers of
+        [`~FlexTokModel.prepare_registers`]; with guidance the conditional and unconditional passes run as one batch
+        of 2B. `momentum_buffer` is APG's state, from `guidance.new_momentum_buffer()` once per sampling run.
+
+        Returns:
+            `torch.FloatTensor` `[B, C, H/f, W/f]` (float32).
+        """
         batch = latents.shape[0]
-        timesteps = torch.full((batch,), timestep, device=latents.device)
-        if guidance_scale == 1.0:
+        timesteps = torch.full((batch,), sigma, device=latents.device)
+        if not guidance.is_enabled:
             return self.decoder(latents, timesteps, codes, keep_k).float()
         null_condition_mask = torch.arange(2 * batch, device=latents.device) >= batch
         velocity = self.decoder(
@@ -700,22 +728,15 @@ class FlexTokModel(FlexTokPreTrainedModel):
             keep_k.repeat(2),
             null_condition_mask,
         ).float()
-        cond, uncond = velocity.chunk(2)
-        if momentum_buffer is None:
-            return uncond + guidance_scale * (cond - uncond)
-        # With the original formulation and eta 0 this is cond + (s - 1) * (orthogonal part of the update).
-        return normalized_guidance(
-            cond,
-            uncond,
-            guidance_scale - 1,
-            momentum_buffer,
-            eta=0.0,
-            norm_threshold=APG_NORM_THRESHOLD,
-            use_original_formulation=True,
-            norm_dim=(1, 2, 3),
-        )
+        return guidance(*velocity.chunk(2), momentum_buffer)
 
-    @apply_forward_hook  # moves the model in under pipeline CPU offload, which otherwise hooks `forward` only
+    @apply_forward_hook
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled VAE latents `[B, C, H/f, W/f]` -> images `[B, 3, H, W]` in about [-1, 1] (unclamped), in the VAE's
+        dtype; the inverse of `encode_latents`."""
+        return self.vae.decode(latents.to(self.vae.dtype) / self.config.vae_scaling_factor).sample
+
+    @apply_forward_hook
     @torch.no_grad()
     def decode(
         self,
@@ -732,13 +753,15 @@ class FlexTokModel(FlexTokPreTrainedModel):
         scheduler: FlowMatchEulerDiscreteScheduler | None = None,
         progress_bar: Callable[[Iterable], Iterable] | None = None,
     ) -> FlexTokDecoderOutput | tuple:
-        """Detokenize: sample images whose first k tokens are `token_ids`.
+        """Detokenize: sample images whose first k tokens are `token_ids`, with the released sampler (see
+        `flextok_hf.sampling`).
 
         Args:
             token_ids (`torch.LongTensor` `[B, k]` or a list of B 1D tensors of lengths 1..num_registers): the
                 prefixes may differ in length; they go through the decoder together, one batched call per step.
             num_inference_steps (`int`): Euler steps from t=1 (noise) to t=0.
-            guidance_scale (`float`): guidance strength; 1.0 disables guidance (and the unconditional pass).
+            guidance_scale (`float`): guidance strength, finite and >= 0; 1.0 disables guidance (and the
+                unconditional pass).
             norm_guidance (`bool`): adaptive projected guidance (APG) instead of plain classifier-free guidance.
             generator (`torch.Generator` or list): for the initial noise.
             height, width (`int`, *optional*): output size in pixels, default `config.image_size`.
@@ -746,58 +769,46 @@ class FlexTokModel(FlexTokPreTrainedModel):
             output_type (`str`): "pt" (tensor `[B, 3, H, W]`, about [-1, 1], unclamped), "np" (`[B, H, W, 3]` in
                 [0, 1]), "pil", or "latent" (the sampled VAE latents).
             scheduler: a `FlowMatchEulerDiscreteScheduler`; a default one (shift 1) is made if not given.
-            progress_bar: wraps the step iterable (e.g. a pipeline's `progress_bar`); default a tqdm bar.
+            progress_bar: wraps the iterable of time steps; default a tqdm bar.
 
         Returns:
             [`FlexTokDecoderOutput`] with `images` and `latents`, or a tuple `(images,)` if not `return_dict`.
         """
-        padded_ids, keep_k = self.check_token_ids(token_ids)
+        codes, keep_k = self.prepare_registers(token_ids)
         if output_type not in ("pt", "np", "pil", "latent"):
             raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}.")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
+        sigmas = flow_sigmas(num_inference_steps)
+        guidance = FlowGuidance(guidance_scale, "apg" if norm_guidance else "cfg")
         height = self.config.image_size if height is None else height
         width = self.config.image_size if width is None else width
         self.check_image_size(height, width)
-        batch = padded_ids.shape[0]
-        if latents is None:
-            latents = self.prepare_latents(batch, height, width, generator)
-        else:
-            factor = self.config.vae_downsample_factor
-            expected = (batch, self.config.latent_channels, height // factor, width // factor)
-            if tuple(latents.shape) != expected:
-                raise ValueError(f"latents must have shape {expected}, got {tuple(latents.shape)}.")
-        latents = latents.to(device=self.device, dtype=torch.float32)
+        latents = self.prepare_latents(len(codes), height, width, generator, latents=latents)
 
-        codes = self.quantizer.indices_to_codes(padded_ids)
-        scheduler = scheduler or FlowMatchEulerDiscreteScheduler(shift=1.0)
-        # Time steps i/T for i = T..1 as the released sampler (a scheduler's own shift or spacing applies on top);
-        # the model is told the scheduler's sigmas, so conditioning and stepping always agree.
-        scheduler.set_timesteps(sigmas=[i / num_inference_steps for i in range(num_inference_steps, 0, -1)])
-        momentum_buffer = MomentumBuffer(APG_MOMENTUM) if norm_guidance and guidance_scale != 1.0 else None
+        scheduler = scheduler or FlowMatchEulerDiscreteScheduler()
+        # The model is told the scheduler's sigmas, so a scheduler's own shift changes conditioning and steps alike.
+        scheduler.set_timesteps(sigmas=sigmas)
+        momentum_buffer = guidance.new_momentum_buffer()
         progress_bar = progress_bar or (lambda steps: logging.tqdm(steps, total=num_inference_steps))
-        for step, timestep in zip(progress_bar(range(num_inference_steps)), scheduler.timesteps, strict=True):
+        for step, timestep in enumerate(progress_bar(scheduler.timesteps)):
             sigma = scheduler.sigmas[step].item()
-            velocity = self.guided_velocity(latents, sigma, codes, keep_k, guidance_scale, momentum_buffer)
+            velocity = self.guided_velocity(latents, sigma, codes, keep_k, guidance, momentum_buffer)
             latents = scheduler.step(velocity, timestep, latents).prev_sample
 
-        if output_type == "latent":
-            images = latents
-        else:
-            images = self.vae.decode(latents.to(self.vae.dtype) / self.config.vae_scaling_factor).sample
-            if output_type != "pt":
-                images = self.image_processor.postprocess(images.float(), output_type=output_type)
+        images = latents if output_type == "latent" else self.decode_latents(latents)
+        if output_type in ("np", "pil"):
+            images = self.image_processor.postprocess(images.float(), output_type=output_type)
         if not return_dict:
             return (images,)
         return FlexTokDecoderOutput(images=images, latents=latents)
 
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, num_tokens: int | list[int] = 256, **decode_kwargs):
-        """Encode images and decode the first `num_tokens` tokens of each (an int, or one per image).
-        `decode_kwargs` go to [`~FlexTokModel.decode`] (its height and width default to the input's)."""
+    def reconstruct(self, images: torch.Tensor, num_tokens: int | list[int] | None = None, **decode_kwargs):
+        """Encode images and decode the first `num_tokens` tokens of each: an int, one int per image, or `None` for
+        all `config.num_registers`. `decode_kwargs` go to [`~FlexTokModel.decode`] (its height and width default to
+        the input's)."""
         token_ids = self.encode(images)
         num_registers = self.config.num_registers
-        lengths = torch.as_tensor(num_tokens)
+        lengths = torch.as_tensor(num_registers if num_tokens is None else num_tokens)
         if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.ndim > 1:
             raise ValueError(
                 f"num_tokens must be an int or one int per image in [1, {num_registers}], got {num_tokens}."

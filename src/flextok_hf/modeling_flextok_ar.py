@@ -1,18 +1,12 @@
 """FlexTok autoregressive generator: a LlamaGen-style decoder-only transformer over FlexTok image tokens."""
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
-from transformers import (
-    AutoModel,
-    DynamicCache,
-    LogitsProcessorList,
-    PreTrainedModel,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import AutoModel, DynamicCache, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -20,6 +14,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from .configuration_flextok_ar import FlexTokARConfig
 from .hub_utils import ModelCardMixin
+from .sampling import TokenSampler
 
 
 class FlexTokARRMSNorm(nn.Module):
@@ -469,9 +464,11 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         generator: torch.Generator | list[torch.Generator] | None = None,
         negative_encoder_hidden_states: torch.Tensor | None = None,
         negative_encoder_attention_mask: torch.Tensor | None = None,
+        callback_on_token: Callable[[int, torch.LongTensor], None] | None = None,
     ) -> torch.LongTensor:
         r"""
-        Generates FlexTok image tokens, coarse to fine, with a KV cache and classifier-free guidance.
+        Generates FlexTok image tokens, coarse to fine, with a KV cache and classifier-free guidance; each step's
+        token is chosen by a [`~sampling.TokenSampler`] built from the sampling arguments.
 
         Args:
             class_labels (`torch.LongTensor` of shape `[batch]`, *optional*):
@@ -483,8 +480,8 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
             num_tokens (`int`, *optional*, defaults to `config.max_position_embeddings`):
                 Tokens per image, 1 to `max_position_embeddings`; fewer tokens give a coarser image.
             guidance_scale (`float`, *optional*, defaults to 1.0):
-                Classifier-free guidance scale s: logits = u + s * (c - u), where u comes from the learned null class
-                / null text, or from the negative prompt. At 1.0 the unconditional pass is skipped.
+                Classifier-free guidance scale s, finite and >= 0: logits = u + s * (c - u), where u comes from the
+                learned null class / null text, or from the negative prompt. At 1.0 the unconditional pass is skipped.
             do_sample (`bool`, *optional*, defaults to `True`):
                 Sample from the processed distribution; `False` takes the argmax (temperature, top-k, top-p and
                 generator unused).
@@ -507,6 +504,9 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                 `negative_prompt` without guidance.
             negative_encoder_attention_mask (`torch.Tensor` of shape `[batch, length]`, *optional*):
                 1 for negative text tokens to attend, 0 for padding; only with `negative_encoder_hidden_states`.
+            callback_on_token (`Callable[[int, torch.LongTensor], None]`, *optional*):
+                Called after each step with the token index and the tokens so far `[batch, index + 1]`, e.g. to
+                advance a progress bar.
 
         Returns:
             `torch.LongTensor` of shape `[batch, num_tokens]`.
@@ -520,12 +520,7 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
             raise ValueError(
                 f"num_tokens must be an int in [1, {self.config.max_position_embeddings}], got {num_tokens}."
             )
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        if do_sample and top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}.")
-        if do_sample and top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p}.")
+        sampler = TokenSampler(guidance_scale, do_sample, temperature, top_k, top_p)
         batch_size = self._check_condition(class_labels, encoder_hidden_states, encoder_attention_mask, None)
         if negative_encoder_attention_mask is not None and negative_encoder_hidden_states is None:
             raise ValueError("negative_encoder_attention_mask needs negative_encoder_hidden_states.")
@@ -553,9 +548,8 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                     f"{len(generator)} entries."
                 )
 
-        use_guidance = guidance_scale != 1.0
         drop_condition = None
-        if use_guidance:
+        if sampler.is_guided:
             # Conditional and unconditional halves share one batch of 2 * batch_size.
             if class_labels is not None:
                 class_labels = class_labels.repeat(2)
@@ -573,15 +567,6 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
             if negative_encoder_hidden_states is None:
                 drop_condition = torch.arange(2 * batch_size, device=self.device) >= batch_size
 
-        logits_warpers = LogitsProcessorList()
-        if do_sample:
-            if temperature != 1.0:
-                logits_warpers.append(TemperatureLogitsWarper(temperature))
-            if top_k is not None:
-                logits_warpers.append(TopKLogitsWarper(top_k))
-            if top_p is not None:
-                logits_warpers.append(TopPLogitsWarper(top_p))
-
         # One small loop rather than GenerationMixin.generate: its sampling takes no torch.Generator, and the guided
         # logits must be formed from both halves before sampling.
         past_key_values = DynamicCache()
@@ -591,51 +576,15 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         tokens = torch.empty(batch_size, 0, dtype=torch.long, device=inputs_embeds.device)
         for token_index in range(num_tokens):
             if token_index > 0:
-                last_tokens = tokens[:, -1:].repeat(2, 1) if use_guidance else tokens[:, -1:]
+                last_tokens = tokens[:, -1:].repeat(2, 1) if sampler.is_guided else tokens[:, -1:]
                 inputs_embeds = self.embed_image_tokens(last_tokens, first_token_index=token_index - 1)
                 key_padding_mask = F.pad(key_padding_mask, (0, 1), value=True)
             hidden_states = self._decode(inputs_embeds, key_padding_mask, past_key_values)
-            logits = self.lm_head(hidden_states[:, -1]).float()
-            if use_guidance:
-                conditional_logits, unconditional_logits = logits.chunk(2)
-                logits = unconditional_logits + guidance_scale * (conditional_logits - unconditional_logits)
-            if do_sample:
-                probs = F.softmax(logits_warpers(tokens, logits), dim=-1)
-                next_tokens = sample_from_probs(probs, draw_uniforms(batch_size, generator, probs.device))
-            else:
-                next_tokens = logits.argmax(dim=-1, keepdim=True)
+            next_tokens = sampler(self.lm_head(hidden_states[:, -1]), tokens, generator)
             tokens = torch.cat([tokens, next_tokens], dim=1)
+            if callback_on_token is not None:
+                callback_on_token(token_index, tokens)
         return tokens
-
-
-def draw_uniforms(
-    batch_size: int, generator: torch.Generator | list[torch.Generator] | None, device: torch.device
-) -> torch.Tensor:
-    """
-    Draws one float64 number in [0, 1) per batch row: all from `generator`, or row i from `generator[i]` when it is a
-    list, so that a row depends only on its own generator. Draws happen on the generator's device, then move to
-    `device` (as diffusers' `randn_tensor` does), so a CPU generator drives a model on an accelerator.
-    """
-    if generator is None:
-        return torch.rand(batch_size, dtype=torch.float64, device=device)
-    if isinstance(generator, torch.Generator):
-        return torch.rand(batch_size, generator=generator, dtype=torch.float64, device=generator.device).to(device)
-    draws = [torch.rand(1, generator=g, dtype=torch.float64, device=g.device).to(device) for g in generator]
-    return torch.cat(draws)
-
-
-def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.LongTensor:
-    """
-    Inverse-CDF sampling, batched: row i of `probs` `[batch, vocab_size]` (non-negative, not necessarily normalised)
-    yields the token whose cumulative-probability interval holds `uniforms[i]` times the row's total; tokens of
-    probability 0 are never drawn. Returns `[batch, 1]`.
-    """
-    cdf = probs.double().cumsum(dim=-1)
-    targets = uniforms[:, None].to(cdf) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, targets, right=True)
-    # Rounding can put the target on the row's total, past the last token: take the last allowed token instead.
-    last_allowed = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
-    return torch.minimum(tokens, last_allowed)
 
 
 AutoModel.register(FlexTokARConfig, FlexTokARModel)

@@ -1,6 +1,7 @@
 """Exporting trained models: `save_pretrained`, a model card that says how they were trained, and the Hub."""
 
 from pathlib import Path
+
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from torch import nn
 

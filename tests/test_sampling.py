@@ -1,0 +1,171 @@
+"""Tests of the samplers in flextok_hf.sampling, on small tensors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flextok_hf.sampling import FlowGuidance, TokenSampler, draw_uniforms, flow_sigmas, sample_from_probs
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def velocities(seed: int, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    conditional, unconditional = torch.randn(2, batch, 4, 5, 5, generator=seeded(seed))
+    return conditional, unconditional
+
+
+# ------------------------------------------------------------------------------------------ rectified flow
+
+
+def test_flow_sigmas_are_i_over_t():
+    assert flow_sigmas(4) == [1.0, 0.75, 0.5, 0.25]
+    assert flow_sigmas(1) == [1.0]
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5, True])
+def test_flow_sigmas_reject_bad_step_counts(steps):
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        flow_sigmas(steps)
+
+
+def test_cfg_guidance():
+    conditional, unconditional = velocities(0)
+    guided = FlowGuidance(scale=3.0, method="cfg")(conditional, unconditional)
+    torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional))
+    assert FlowGuidance(method="cfg").new_momentum_buffer() is None
+
+
+def released_apg(steps: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> list[torch.Tensor]:
+    """The released sampler's APG as SPEC.md section 3 states it, per image, in float64."""
+    average, guided = 0, []
+    for conditional, unconditional in steps:
+        average = (conditional - unconditional).double() + -0.5 * average
+        norm = average.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        update = average * torch.clamp(2.5 / norm, max=1.0)
+        direction = conditional.double() / conditional.double().flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        parallel = (update * direction).flatten(1).sum(dim=1).view(-1, 1, 1, 1) * direction
+        guided.append(conditional.double() + (scale - 1) * (update - parallel))
+    return guided
+
+
+def test_apg_defaults_are_the_released_sampler():
+    guidance = FlowGuidance(scale=7.5)
+    assert guidance.method == "apg"
+    # Large differences, so that the norm threshold acts; three steps, so that the momentum does.
+    steps = [(c, u * 4) for c, u in (velocities(seed) for seed in range(3))]
+    momentum_buffer = guidance.new_momentum_buffer()
+    for (conditional, unconditional), expected in zip(steps, released_apg(steps, 7.5), strict=True):
+        guided = guidance(conditional, unconditional, momentum_buffer)
+        torch.testing.assert_close(guided.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_apg_without_momentum_threshold_or_projection_is_cfg():
+    conditional, unconditional = velocities(1)
+    apg = FlowGuidance(scale=4.0, momentum=0.0, norm_threshold=0.0, eta=1.0)
+    cfg = FlowGuidance(scale=4.0, method="cfg")
+    guided = apg(conditional, unconditional, apg.new_momentum_buffer())
+    torch.testing.assert_close(guided, cfg(conditional, unconditional))
+
+
+def test_apg_momentum_buffers_are_fresh_per_run():
+    guidance = FlowGuidance(scale=5.0)
+    conditional, unconditional = velocities(2)
+    first = guidance(conditional, unconditional, guidance.new_momentum_buffer())
+    again = guidance(conditional, unconditional, guidance.new_momentum_buffer())
+    assert torch.equal(first, again)
+    carried = guidance.new_momentum_buffer()
+    guidance(*velocities(3), carried)
+    assert not torch.allclose(guidance(conditional, unconditional, carried), first)
+
+
+def test_scale_one_turns_guidance_off():
+    assert not FlowGuidance(scale=1.0).is_enabled and FlowGuidance(scale=0.0).is_enabled
+    assert not TokenSampler().is_guided and TokenSampler(guidance_scale=2).is_guided
+
+
+@pytest.mark.parametrize("scale", [-1.0, -1e-6, math.nan, math.inf, True, "7.5", None])
+def test_guidance_scales_must_be_finite_and_non_negative(scale):
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
+        FlowGuidance(scale=scale)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
+        TokenSampler(guidance_scale=scale)
+
+
+def test_numpy_scales_are_numbers():
+    assert FlowGuidance(scale=np.float32(2.0)).is_enabled
+
+
+def test_unknown_guidance_method():
+    with pytest.raises(ValueError, match="'apg' or 'cfg'"):
+        FlowGuidance(method="pag")
+
+
+# ------------------------------------------------------------------------------------------------- tokens
+
+
+def test_token_sampler_guides_then_takes_the_argmax():
+    conditional, unconditional = torch.randn(2, 3, 50, generator=seeded(0))
+    sampler = TokenSampler(guidance_scale=3.0, do_sample=False)
+    tokens = sampler(torch.cat([conditional, unconditional]), torch.empty(3, 0, dtype=torch.long))
+    expected = (unconditional + 3.0 * (conditional - unconditional)).argmax(dim=-1, keepdim=True)
+    assert tokens.shape == (3, 1) and torch.equal(tokens, expected)
+
+
+def test_token_sampler_top_k_one_is_greedy():
+    logits = torch.randn(4, 50, generator=seeded(1))
+    sampled = TokenSampler(top_k=1, temperature=2.0)(logits, torch.empty(4, 0, dtype=torch.long), seeded(0))
+    assert torch.equal(sampled, logits.argmax(dim=-1, keepdim=True))
+
+
+def test_token_sampler_warpers_restrict_the_draws():
+    logits = torch.randn(1, 50, generator=seeded(2)).expand(300, -1)
+    allowed = set(logits[0].topk(5).indices.tolist())
+    sampled = TokenSampler(top_k=5, temperature=3.0)(logits, torch.empty(300, 0, dtype=torch.long), seeded(0))
+    assert set(sampled.flatten().tolist()) == allowed  # 300 draws at a high temperature reach all five
+
+
+def test_token_sampler_rows_follow_their_own_generators():
+    logits = torch.randn(3, 50, generator=seeded(3))
+    sampler = TokenSampler(temperature=2.0)
+    tokens = torch.empty(3, 0, dtype=torch.long)
+    batch = sampler(logits, tokens, [seeded(seed) for seed in (7, 8, 9)])
+    for row, seed in enumerate((7, 8, 9)):
+        assert torch.equal(batch[row], sampler(logits[row : row + 1], tokens[row : row + 1], seeded(seed))[0])
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(top_p=0.0), r"top_p must lie in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must lie in \(0, 1\]"),
+    ],
+)
+def test_token_sampler_rejects_bad_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TokenSampler(**settings)
+    TokenSampler(do_sample=False, **settings)  # unused without sampling
+
+
+def test_draw_uniforms_per_row_generators():
+    draws = draw_uniforms(2, [seeded(0), seeded(1)], torch.device("cpu"))
+    assert draws.dtype == torch.float64
+    assert draws.tolist() == [torch.rand(1, generator=seeded(s), dtype=torch.float64).item() for s in (0, 1)]
+    assert torch.equal(draws, draw_uniforms(2, [seeded(0), seeded(1)], torch.device("cpu")))
+
+
+def test_sample_from_probs():
+    probs = torch.tensor([[0.2, 0.0, 0.8, 0.0], [0.0, 3.0, 0.0, 1.0]])  # rows need not be normalised
+    uniforms = torch.rand(4000, 2, dtype=torch.float64, generator=seeded(0))
+    draws = torch.cat([sample_from_probs(probs, row) for row in uniforms], dim=1)
+    assert abs((draws[0] == 2).double().mean().item() - 0.8) < 0.03
+    assert abs((draws[1] == 1).double().mean().item() - 0.75) < 0.03
+    assert set(draws[0].tolist()) == {0, 2} and set(draws[1].tolist()) == {1, 3}
+    # A target rounded up to the row's total still lands on a token of nonzero probability.
+    assert sample_from_probs(probs, torch.ones(2, dtype=torch.float64)).tolist() == [[2], [3]]
+    assert sample_from_probs(probs, torch.zeros(2, dtype=torch.float64)).tolist() == [[0], [1]]
