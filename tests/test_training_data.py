@@ -8,11 +8,13 @@ import random
 import tarfile
 
 import numpy as np
+import PIL.ExifTags
 import PIL.Image
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from flextok_hf.training.data import SkipCounter, build_image_stream, collate_images, preprocess_image
 from flextok_hf.training.demo_data import HELD_OUT_PHOTOS, build_demo_image_folder
@@ -123,15 +125,69 @@ def test_augmentation_is_seeded_by_run_and_key():
     assert np.array_equal(center, preprocess_image(image, 16, False, False, random.Random(1)))
 
 
-def test_stream_resumes_exactly_from_its_state(tmp_path):
+def test_skips_are_counted_in_dataloader_workers(tmp_path):
+    stats = SkipCounter()
+    stream = build_image_stream(write_webdataset(tmp_path / "wds"), resolution=16, min_image_size=16, stats=stats)
+    loader = StatefulDataLoader(stream, batch_size=2, collate_fn=collate_images, num_workers=2)
+    assert sum(len(batch["keys"]) for batch in loader) == NUM_GOOD
+    assert stats.as_dict() == {"images_seen": NUM_GOOD + 3, "skipped_corrupt": 2, "skipped_small": 1}
+
+
+def test_each_pass_gets_new_crops_and_flips_reproducibly(tmp_path):
     source = write_parquet(tmp_path / "parquet")
-    stream = build_image_stream(source, resolution=16, random_crop=True, random_flip=True, seed=3)
+
+    def pixels(epoch):
+        stream = build_image_stream(source, resolution=16, random_crop=True, random_flip=True, seed=3)
+        stream.set_epoch(epoch)
+        return {example["key"]: example["pixel_values"] for example in stream}
+
+    first, second = pixels(0), pixels(1)
+    assert first.keys() == second.keys()
+    assert any(not np.array_equal(first[key], second[key]) for key in first)
+    assert all(np.array_equal(second[key], again) for key, again in pixels(1).items())
+
+
+@pytest.mark.parametrize("kind", ["imagefolder", "webdataset"])
+def test_shuffle_draws_the_order_from_the_seed(tmp_path, kind):
+    source = WRITERS[kind](tmp_path / kind)
+
+    def keys(**kwargs):
+        return [example["key"] for example in build_image_stream(source, resolution=16, **kwargs)]
+
+    in_order = keys()
+    shuffled = {seed: keys(shuffle=True, seed=seed) for seed in range(4)}
+    assert shuffled[0] == keys(shuffle=True, seed=0)
+    assert all(sorted(order) == sorted(in_order) for order in shuffled.values())
+    assert any(order != in_order for order in shuffled.values())
+
+
+def test_camera_orientation_is_applied(tmp_path):
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+    pixels[:, 8:] = 255  # stored with the bright half on the right ...
+    exif = PIL.Image.Exif()
+    exif[PIL.ExifTags.Base.Orientation] = 3  # ... and to be shown rotated by 180 degrees
+    (tmp_path / "photos").mkdir()
+    PIL.Image.fromarray(pixels).save(tmp_path / "photos" / "upside_down.jpg", exif=exif, quality=95)
+    (example,) = build_image_stream(str(tmp_path / "photos"), resolution=16)
+    assert example["pixel_values"][:, :, :8].mean() > 0.9 and example["pixel_values"][:, :, 8:].mean() < -0.9
+
+
+@pytest.mark.parametrize("kind, shuffle, epoch", [("parquet", False, 0), ("imagefolder", True, 1)])
+def test_stream_resumes_exactly_from_its_state(tmp_path, kind, shuffle, epoch):
+    source = WRITERS[kind](tmp_path / kind)
+
+    def build():
+        stream = build_image_stream(source, resolution=16, random_crop=True, random_flip=True, seed=3, shuffle=shuffle)
+        stream.set_epoch(epoch)
+        return stream
+
+    stream = build()
     iterator = iter(stream)
     first = [next(iterator) for _ in range(2)]
     state = stream.state_dict()
     rest = list(iterator)
 
-    resumed = build_image_stream(source, resolution=16, random_crop=True, random_flip=True, seed=3)
+    resumed = build()
     resumed.load_state_dict(state)
     again = list(resumed)
     assert [e["key"] for e in again] == [e["key"] for e in rest] and len(first) + len(rest) == 7

@@ -3,13 +3,16 @@ webdataset `.tar` shards (img2dataset layout, as DFN-style data: `<key>.jpg|png|
 `<key>.json`), parquet files and image folders.
 
 Images are decoded here, not by `datasets`: one undecodable file would otherwise end the whole stream. Corrupt and
-too-small images are skipped and counted ([`SkipCounter`]). Augmentations (resize, random or center crop,
-horizontal flip) need no torchvision and draw from a generator seeded by the run's seed and the example's key, so a
-resumed run sees exactly the pixels the interrupted one would have.
+too-small images are skipped and counted ([`SkipCounter`], also from DataLoader worker processes). Augmentations
+(resize, random or center crop, horizontal flip) need no torchvision and draw from a generator seeded by the run's
+seed, the pass (`set_epoch`) and the example's key: each pass gets new crops and flips, and a resumed run sees
+exactly the pixels the interrupted one would have.
 
-Resume: the stream position (through torchdata's `StatefulDataLoader`, workers included) is saved with each
-checkpoint. It is exact when there is no shuffle buffer (`shuffle_buffer_size: 0`, shuffle when writing the shards
-instead); with a buffer, `datasets` refills the buffer on resume and the examples that follow differ.
+Shuffling: `shuffle=True` puts an image folder's images, or the `.tar`/`.parquet` files, in an order drawn from the
+seed (an image folder lists its classes one after another); from the second pass on `datasets` also reorders the
+shards. Resume: the stream position (through torchdata's `StatefulDataLoader`, workers included) is saved with each
+checkpoint. It is exact with these shuffles but not with a shuffle buffer (`shuffle_buffer_size > 0`): `datasets`
+refills the buffer on resume and the examples that follow differ.
 
 Ranks: each process streams `split_dataset_by_node(dataset, rank, world_size)`, its own shards when their number
 divides evenly, else every `world_size`-th example: the ranks' data is disjoint. Batches are therefore not
@@ -18,14 +21,15 @@ divides evenly, else every `world_size`-th example: the ranks' data is disjoint.
 
 import glob
 import io
+import multiprocessing
 import random
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from datasets import Image as ImageFeature
 from datasets import IterableDataset, load_dataset
@@ -37,32 +41,45 @@ CAPTION_COLUMNS = ("caption", "txt", "text")
 LABEL_COLUMNS = ("label", "cls")
 
 
-@dataclass
 class SkipCounter:
-    """Examples this process has read, and those skipped because they could not be decoded or were too small."""
+    """Examples this process has read, and those skipped because they could not be decoded or were too small.
 
-    seen: int = 0
-    skipped_corrupt: int = 0
-    skipped_small: int = 0
+    The counts live in shared memory: DataLoader worker processes, which decode the images, add to the counts that
+    the training loop logs.
+    """
+
+    NAMES = ("images_seen", "skipped_corrupt", "skipped_small")
+
+    def __init__(self):
+        self.counts = multiprocessing.Array("q", len(self.NAMES))
+
+    def add(self, name: str):
+        with self.counts.get_lock():
+            self.counts[self.NAMES.index(name)] += 1
 
     def as_dict(self) -> dict[str, int]:
-        return {"images_seen": self.seen, "skipped_corrupt": self.skipped_corrupt, "skipped_small": self.skipped_small}
+        return dict(zip(self.NAMES, self.counts[:], strict=True))
 
 
-def load_image_source(source: str, split: str = "train") -> IterableDataset:
+def load_image_source(source: str, split: str = "train", shuffle_seed: int | None = None) -> IterableDataset:
     """A streaming dataset from a folder of images (`imagefolder`: class subfolders become labels), a glob or list
-    of `.tar` shards (`webdataset`) or `.parquet` files, or else a Hub dataset name."""
+    of `.tar` shards (`webdataset`) or `.parquet` files, or else a Hub dataset name. With `shuffle_seed`, a folder's
+    images, or the files, come in an order drawn from it (a Hub dataset keeps its order)."""
     path = Path(source)
     if path.is_dir():
-        # Indexed once (paths and bytes into an Arrow cache), then streamed in shards that DataLoader workers and
-        # ranks can share out; streaming the folder directly gives a single shard.
+        # Indexed once (paths into an Arrow cache), then streamed in shards that DataLoader workers and ranks can
+        # share out; streaming the folder directly gives a single shard.
         folder = load_dataset("imagefolder", data_dir=source, split=split)
+        if shuffle_seed is not None:
+            folder = folder.shuffle(seed=shuffle_seed)
         return folder.to_iterable_dataset(num_shards=min(FOLDER_SHARDS, len(folder)))
     files = sorted(glob.glob(source))
     if files:
         kind = "webdataset" if files[0].endswith(".tar") else "parquet" if files[0].endswith(".parquet") else None
         if kind is None:
             raise ValueError(f"{source} matches {files[0]}, neither .tar shards nor .parquet files.")
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(files)
         return load_dataset(kind, data_files=files, split="train", streaming=True)
     if any(char in source for char in "*?[") or path.suffix in (".tar", ".parquet"):
         raise ValueError(f"No files match {source}.")
@@ -75,6 +92,14 @@ def find_column(columns: list[str], wanted: str | None, candidates: tuple[str, .
             raise ValueError(f"The dataset has no {what} column {wanted!r}; its columns are {columns}.")
         return wanted
     return next((name for name in candidates if name in columns), None)
+
+
+def open_image(encoded: dict[str, Any]) -> PIL.Image.Image:
+    """Decodes a `datasets.Image(decode=False)` value (`{"bytes", "path"}`) to an upright RGB image: camera photos
+    are often stored on their side with an EXIF orientation, which `datasets` would also apply."""
+    file = io.BytesIO(encoded["bytes"]) if encoded.get("bytes") is not None else encoded["path"]
+    with PIL.Image.open(file) as image:
+        return PIL.ImageOps.exif_transpose(image).convert("RGB")
 
 
 def preprocess_image(
@@ -106,6 +131,7 @@ def build_image_stream(
     random_flip: bool = False,
     min_image_size: int = 0,
     seed: int = 0,
+    shuffle: bool = False,
     shuffle_buffer_size: int = 0,
     rank: int = 0,
     world_size: int = 1,
@@ -113,8 +139,9 @@ def build_image_stream(
 ) -> IterableDataset:
     """Examples `{"pixel_values": float32 [3, R, R] in [-1, 1], "key": str, "label": int?, "caption": str?}` from
     `source` (see [`load_image_source`]); this rank's share only. Columns are found by name (`image`/`jpg`/`png`...,
-    `label`/`cls`, `caption`/`txt`) unless given."""
-    dataset = load_image_source(source, split)
+    `label`/`cls`, `caption`/`txt`) unless given. Call `set_epoch` on the returned stream to start a new pass: it
+    reseeds the crops and flips (and reorders the shards)."""
+    dataset = load_image_source(source, split, shuffle_seed=seed if shuffle else None)
     columns = list(dataset.column_names or [])
     image_column = find_column(columns, image_column, IMAGE_COLUMNS, "image")
     if image_column is None:
@@ -125,7 +152,7 @@ def build_image_stream(
     stats = stats if stats is not None else SkipCounter()
 
     def decode(example: dict[str, Any]) -> dict[str, Any]:
-        stats.seen += 1
+        stats.add("images_seen")
         encoded = example[image_column]
         key = example.get("__key__") or encoded.get("path") or f"{zlib.crc32(encoded['bytes']):08x}"
         output = {"key": key, "pixel_values": None}
@@ -134,23 +161,24 @@ def build_image_stream(
         if caption_column is not None:
             output["caption"] = str(example[caption_column])
         try:
-            file = io.BytesIO(encoded["bytes"]) if encoded.get("bytes") is not None else encoded["path"]
-            with PIL.Image.open(file) as image:
-                image.load()
-                if min(image.size) < min_image_size:
-                    stats.skipped_small += 1
-                    return output
-                rng = random.Random(f"{seed}:{key}")
-                output["pixel_values"] = preprocess_image(image, resolution, random_crop, random_flip, rng)
-        except (OSError, ValueError, PIL.Image.DecompressionBombError):
-            stats.skipped_corrupt += 1
+            image = open_image(encoded)
+        except Exception:  # PIL raises OSError, ValueError, SyntaxError, struct.error... on malformed files
+            stats.add("skipped_corrupt")
+            return output
+        if min(image.size) < min_image_size:
+            stats.add("skipped_small")
+            return output
+        # `stream` is the returned dataset: its epoch is the pass that `set_epoch` started.
+        rng = random.Random(f"{seed}:{stream.epoch}:{key}")
+        output["pixel_values"] = preprocess_image(image, resolution, random_crop, random_flip, rng)
         return output
 
     if shuffle_buffer_size > 0:
         dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
     dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     dataset = dataset.map(decode, remove_columns=columns)
-    return dataset.filter(lambda example: example["pixel_values"] is not None)
+    stream = dataset.filter(lambda example: example["pixel_values"] is not None)
+    return stream
 
 
 def collate_images(examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -183,6 +211,7 @@ def build_training_stream(config, rank: int, world_size: int):
         random_flip=config.random_flip,
         min_image_size=config.min_image_size,
         seed=config.seed,
+        shuffle=True,
         shuffle_buffer_size=config.shuffle_buffer_size,
         rank=rank,
         world_size=world_size,
