@@ -163,7 +163,7 @@ def build_metrics(
     metrics = list(metrics)
     unknown = [name for name in metrics if name not in builders]
     if unknown or not metrics:
-        raise ValueError(f"Unknown metrics {unknown}; choose among {list(builders)}.")
+        raise ValueError(f"metrics must be a non-empty list among {list(builders)}, got {metrics}.")
     if "fid" in metrics and feature_extractor is None:
         raise ValueError("The 'fid' metric needs a feature_extractor (images -> features).")
     if "perceptual" in metrics and perceptual_extractor is None:
