@@ -17,9 +17,7 @@ from diffusers.image_processor import VaeImageProcessor
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
-from torchmetrics.image.fid import (
-    FrechetInceptionDistance,
-)  # not re-exported by torchmetrics.image without torch-fidelity
+from torchmetrics.image.fid import FrechetInceptionDistance  # torchmetrics.image exports it only with torch-fidelity
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
 PIXEL_METRICS = ("mae", "mse", "psnr", "ssim")

@@ -148,10 +148,11 @@ def evaluate_token_budgets(
     rows = []
     for s, (name, _, num_steps) in enumerate(settings):
         for k in budgets:
-            values = {metric: value.item() for metric, value in image_metrics[s, k].compute().items()}
-            latent = latent_mse[s, k].compute().item()
-            row = {"sampler": name, "steps": num_steps, "nfe": nfe[s], "tokens": k, "latent_mse": latent, **values}
-            rows.append({**row, "images": count})
+            row = {"sampler": name, "steps": num_steps, "nfe": nfe[s], "tokens": k}
+            row["latent_mse"] = latent_mse[s, k].compute().item()
+            row.update({metric: value.item() for metric, value in image_metrics[s, k].compute().items()})
+            row["images"] = count
+            rows.append(row)
     return rows, {k: torch.cat(v) for k, v in kept.items() if v}
 
 
