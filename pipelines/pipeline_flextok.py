@@ -18,6 +18,7 @@ from flextok_hf.hub_utils import ModelCardMixin
 from flextok_hf.modeling_flextok import FlexTokModel
 from flextok_hf.modeling_flextok_ar import FlexTokARModel
 from flextok_hf.sampling import FlowGuidance, check_guidance_scale, flow_sigmas
+from flextok_hf.utils import check_num_tokens
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -214,12 +215,7 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
                 "`prompt_embeds` (and `negative_prompt_embeds`)."
             )
 
-        if (
-            not isinstance(num_tokens, int)
-            or isinstance(num_tokens, bool)
-            or not 1 <= num_tokens <= self.max_num_tokens
-        ):
-            raise ValueError(f"`num_tokens` must be an int in [1, {self.max_num_tokens}], got {num_tokens!r}.")
+        check_num_tokens(num_tokens, self.max_num_tokens)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}.")
         check_guidance_scale(guidance_scale, "guidance_scale")

@@ -15,6 +15,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from .configuration_flextok_ar import FlexTokARConfig
 from .hub_utils import ModelCardMixin
 from .sampling import TokenSampler
+from .utils import check_num_tokens
 
 
 class FlexTokARRMSNorm(nn.Module):
@@ -512,14 +513,7 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
             `torch.LongTensor` of shape `[batch, num_tokens]`.
         """
         num_tokens = self.config.max_position_embeddings if num_tokens is None else num_tokens
-        if (
-            not isinstance(num_tokens, int)
-            or isinstance(num_tokens, bool)
-            or not 1 <= num_tokens <= self.config.max_position_embeddings
-        ):
-            raise ValueError(
-                f"num_tokens must be an int in [1, {self.config.max_position_embeddings}], got {num_tokens}."
-            )
+        num_tokens = check_num_tokens(num_tokens, self.config.max_position_embeddings)
         sampler = TokenSampler(guidance_scale, do_sample, temperature, top_k, top_p)
         batch_size = self._check_condition(class_labels, encoder_hidden_states, encoder_attention_mask, None)
         if negative_encoder_attention_mask is not None and negative_encoder_hidden_states is None:
