@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flextok_hf import FlexTokARConfig, FlexTokARModel, FlexTokConfig, FlexTokModel
 from flextok_hf.training.config import TrainingConfig
-from flextok_hf.training.trainer import optimizer_step, prepare_training
+from flextok_hf.training.trainer import optimizer_step, prepare_training, trainable_parameters
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -65,10 +65,11 @@ def measure(case, compile_model: bool, steps: int, flops: float | None) -> dict:
     accelerator = Accelerator(mixed_precision="bf16")
     model, optimizer, lr_scheduler, ema = prepare_training(config, accelerator, model.train())
     stream = iter(lambda: batch, None)
+    parameters = trainable_parameters(model)
 
     def step():
         optimizer_step(config, accelerator, model, optimizer, lr_scheduler, loss_fn, stream)
-        ema.step(p for p in model.parameters() if p.requires_grad)
+        ema.step(parameters)
 
     start = time.perf_counter()
     step()  # compile, autotune, allocator warm-up

@@ -38,11 +38,11 @@ def power_of_two_budgets(num_registers: int) -> list[int]:
 
 def image_batches(source: str, resolution: int, batch_size: int, max_images: int | None = None):
     """Batches `[B, 3, R, R]` in [-1, 1] of the images of a folder, shard glob or dataset (center crops)."""
-    from ..training.data import build_image_stream, collate_images
+    from ..training.data import build_image_stream, collated_batches
 
     stream = itertools.islice(build_image_stream(source, resolution=resolution), max_images)
-    while examples := list(itertools.islice(stream, batch_size)):
-        yield collate_images(examples)["pixel_values"]
+    for batch in collated_batches(stream, batch_size):
+        yield batch["pixel_values"]
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ divides evenly, else every `world_size`-th example: the ranks' data is disjoint.
 
 import glob
 import io
+import itertools
 import multiprocessing
 import random
 import zlib
@@ -192,6 +193,13 @@ def collate_images(examples: list[dict[str, Any]]) -> dict[str, Any]:
     if "caption" in examples[0]:
         batch["captions"] = [example["caption"] for example in examples]
     return batch
+
+
+def collated_batches(examples, batch_size: int):
+    """Batches of up to `batch_size` examples of a stream, each collated by [`collate_images`]."""
+    iterator = iter(examples)
+    while chunk := list(itertools.islice(iterator, batch_size)):
+        yield collate_images(chunk)
 
 
 def build_training_stream(config, rank: int, world_size: int):

@@ -8,7 +8,7 @@ and renamed when complete, so a killed run keeps its finished shards and resumes
 
 import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..modeling_flextok import FlexTokModel
-from .data import collate_images
+from .data import collated_batches
 
 SHARD_PATTERN = "shard-{:05d}.parquet"
 
@@ -29,12 +29,6 @@ def completed_shards(output_dir: str | os.PathLike) -> list[Path]:
 
 def token_dtype(vocab_size: int) -> pa.DataType:
     return pa.uint16() if vocab_size <= 2**16 else pa.int32()
-
-
-def batched(examples: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    iterator = iter(examples)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch
 
 
 @torch.no_grad()
@@ -58,37 +52,34 @@ def pretokenize(
     start = done * shard_size
     examples = itertools.islice(examples, start, max_examples)
     ids_type = token_dtype(model.config.codebook_size)
-    rows: list[dict[str, Any]] = []
+    shard: dict[str, list] = {}
     total = None if max_examples is None else max(max_examples - start, 0)
     progress = tqdm(total=total, desc="Tokenizing", unit="img")
     shard_index = done
-    for examples_batch in batched(examples, batch_size):
-        batch = collate_images(examples_batch)
+    for batch in collated_batches(examples, batch_size):
         images = batch["pixel_values"].to(model.device, model.dtype)
         columns = {"key": batch["keys"], "label": batch.get("labels"), "caption": batch.get("captions")}
         columns["token_ids"] = model.encode(images).cpu()
         if flip:
             columns["token_ids_flipped"] = model.encode(images.flip(-1)).cpu()
-        for i in range(len(examples_batch)):
-            rows.append({name: as_python(values[i]) for name, values in columns.items() if values is not None})
-        progress.update(len(examples_batch))
-        if len(rows) == shard_size:
-            write_shard(rows, output_dir / SHARD_PATTERN.format(shard_index), ids_type)
-            rows, shard_index = [], shard_index + 1
-    if rows:
-        write_shard(rows, output_dir / SHARD_PATTERN.format(shard_index), ids_type)
+        for name, values in columns.items():
+            if values is not None:
+                shard.setdefault(name, []).extend(values.tolist() if isinstance(values, torch.Tensor) else values)
+        progress.update(len(batch["keys"]))
+        if len(shard["key"]) == shard_size:
+            write_shard(shard, output_dir / SHARD_PATTERN.format(shard_index), ids_type)
+            shard, shard_index = {}, shard_index + 1
+    if shard:
+        write_shard(shard, output_dir / SHARD_PATTERN.format(shard_index), ids_type)
     progress.close()
     return completed_shards(output_dir)
 
 
-def as_python(value):
-    return value.tolist() if isinstance(value, torch.Tensor) else value
-
-
-def write_shard(rows: list[dict[str, Any]], path: Path, ids_type: pa.DataType):
-    columns = {name: [row[name] for row in rows] for name in rows[0]}
-    fields = {name: pa.list_(ids_type) if name.startswith("token_ids") else None for name in columns}
-    table = pa.table({name: pa.array(values, type=fields[name]) for name, values in columns.items()})
+def write_shard(columns: dict[str, list], path: Path, ids_type: pa.DataType):
+    arrays = {
+        name: pa.array(values, type=pa.list_(ids_type) if name.startswith("token_ids") else None)
+        for name, values in columns.items()
+    }
     temporary = path.with_name(f".tmp-{path.name}")
-    pq.write_table(table, temporary)
+    pq.write_table(pa.table(arrays), temporary)
     os.replace(temporary, path)

@@ -151,6 +151,7 @@ def train(
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "training_config.json")
     model, optimizer, lr_scheduler, ema = prepare_training(config, accelerator, model)
+    parameters = trainable_parameters(model)
 
     stream = BatchStream(dataset, config, collate_fn)
     step = 0
@@ -165,7 +166,7 @@ def train(
         keep_log_until(output_dir / LOG_FILE, step)
     if accelerator.is_main_process and config.report_to:
         accelerator.init_trackers(config.tracker_project_name, config={k: str(v) for k, v in config.to_dict().items()})
-    num_parameters = sum(p.numel() for p in trainable_parameters(model))
+    num_parameters = sum(p.numel() for p in parameters)
     logger.info(
         f"Training {num_parameters / 1e6:.2f}M parameters for {config.max_train_steps} steps, "
         f"global batch {config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes}"
@@ -182,7 +183,7 @@ def train(
     while step < config.max_train_steps:
         logs = optimizer_step(config, accelerator, model, optimizer, lr_scheduler, compute_loss, batches)
         if ema is not None:
-            ema.step(trainable_parameters(model))
+            ema.step(parameters)
         step += 1
         steps_since_log += 1
         progress.update(1)
