@@ -85,6 +85,16 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
         # Only `postprocess` is used ([-1, 1] images to "pt" / "np" / "pil"), which needs no VAE scale factor.
         self.image_processor = VaeImageProcessor()
 
+    def enable_compile(self, **compile_kwargs) -> None:
+        """
+        Compiles the two hot loops with `torch.compile`: the AR model's token step (by default as CUDA graphs, see
+        [`FlexTokARModel.compile_generation`]) and the tokenizer's decoder (`nn.Module.compile`); `compile_kwargs`
+        go to both. The first call at each batch size pays the compilation (docs/performance.md gives the measured
+        cost); the results match the uncompiled pipeline's up to floating-point rounding.
+        """
+        self.ar_model.compile_generation(**compile_kwargs)
+        self.flextok.decoder.compile(**compile_kwargs)
+
     @property
     def max_num_tokens(self) -> int:
         """The longest token sequence both the generator and the tokenizer handle."""

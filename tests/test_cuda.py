@@ -79,3 +79,25 @@ def test_pipeline_on_gpu_and_with_model_cpu_offload_agree():
     offloaded = offloaded_pipe(generator=torch.Generator().manual_seed(0), **kwargs)
     assert torch.equal(on_gpu.tokens.cpu(), offloaded.tokens.cpu())
     assert relative_error(offloaded.images, on_gpu.images) < 1e-5
+
+
+def test_compiled_generation_replays_cuda_graphs_and_keeps_the_tokens(no_tf32):
+    """The compiled token step runs as CUDA graphs (no skip), at two batch sizes and twice each, and gives the eager
+    path's ids: greedy, and sampled with the same generator (float32, so no rounding flips a draw)."""
+    from torch._dynamo.utils import counters
+
+    model = random_ar_model(max_position_embeddings=32, vocab_size=512).to("cuda")
+    settings = [dict(do_sample=False), dict(temperature=1.5, top_k=50)]
+
+    def generate(labels, setting):
+        generator = torch.Generator("cuda").manual_seed(0)
+        return model.generate_tokens(class_labels=labels, guidance_scale=3.0, generator=generator, **setting)
+
+    batches = [torch.tensor([1, 7], device="cuda"), torch.arange(5, device="cuda")]
+    eager = [generate(labels, setting) for labels in batches for setting in settings]
+    counters.clear()
+    model.compile_generation()
+    for _ in range(2):
+        compiled = [generate(labels, setting) for labels in batches for setting in settings]
+        assert all(torch.equal(c, e) for c, e in zip(compiled, eager, strict=True))
+    assert not counters["inductor"]["cudagraph_skips"]

@@ -632,3 +632,11 @@ def test_mismatched_components(flextok):
     pipe = FlexTokPipeline(ar_model=ar_model, flextok=flextok, scheduler=FlowMatchEulerDiscreteScheduler())
     with pytest.raises(ValueError, match="do not belong together"):
         pipe(class_labels=1, **FAST)
+
+
+def test_enable_compile_keeps_the_outputs(class_pipe, saved_class_pipe):
+    compiled_pipe = quiet(FlexTokPipeline.from_pretrained(saved_class_pipe))
+    compiled_pipe.enable_compile(backend="aot_eager", mode=None)  # the tracing, without the slow inductor build
+    expected, compiled = class_outputs(class_pipe), class_outputs(compiled_pipe)
+    assert torch.equal(compiled.tokens, expected.tokens)
+    torch.testing.assert_close(compiled.images, expected.images, atol=1e-5, rtol=1e-5)

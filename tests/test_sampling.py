@@ -110,31 +110,30 @@ def test_unknown_guidance_method():
 def test_token_sampler_guides_then_takes_the_argmax():
     conditional, unconditional = torch.randn(2, 3, 50, generator=seeded(0))
     sampler = TokenSampler(guidance_scale=3.0, do_sample=False)
-    tokens = sampler(torch.cat([conditional, unconditional]), torch.empty(3, 0, dtype=torch.long))
+    tokens = sampler(torch.cat([conditional, unconditional]))
     expected = (unconditional + 3.0 * (conditional - unconditional)).argmax(dim=-1, keepdim=True)
     assert tokens.shape == (3, 1) and torch.equal(tokens, expected)
 
 
 def test_token_sampler_top_k_one_is_greedy():
     logits = torch.randn(4, 50, generator=seeded(1))
-    sampled = TokenSampler(top_k=1, temperature=2.0)(logits, torch.empty(4, 0, dtype=torch.long), seeded(0))
+    sampled = TokenSampler(top_k=1, temperature=2.0)(logits, seeded(0))
     assert torch.equal(sampled, logits.argmax(dim=-1, keepdim=True))
 
 
 def test_token_sampler_warpers_restrict_the_draws():
     logits = torch.randn(1, 50, generator=seeded(2)).expand(300, -1)
     allowed = set(logits[0].topk(5).indices.tolist())
-    sampled = TokenSampler(top_k=5, temperature=3.0)(logits, torch.empty(300, 0, dtype=torch.long), seeded(0))
+    sampled = TokenSampler(top_k=5, temperature=3.0)(logits, seeded(0))
     assert set(sampled.flatten().tolist()) == allowed  # 300 draws at a high temperature reach all five
 
 
 def test_token_sampler_rows_follow_their_own_generators():
     logits = torch.randn(3, 50, generator=seeded(3))
     sampler = TokenSampler(temperature=2.0)
-    tokens = torch.empty(3, 0, dtype=torch.long)
-    batch = sampler(logits, tokens, [seeded(seed) for seed in (7, 8, 9)])
+    batch = sampler(logits, [seeded(seed) for seed in (7, 8, 9)])
     for row, seed in enumerate((7, 8, 9)):
-        assert torch.equal(batch[row], sampler(logits[row : row + 1], tokens[row : row + 1], seeded(seed))[0])
+        assert torch.equal(batch[row], sampler(logits[row : row + 1], seeded(seed))[0])
 
 
 @pytest.mark.parametrize(

@@ -152,25 +152,39 @@ class TokenSampler:
     def __call__(
         self,
         logits: torch.Tensor,
-        tokens: torch.LongTensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.LongTensor:
         """
         Args:
             logits (`torch.Tensor` `[B, vocab_size]`, or `[2B, vocab_size]` with guidance): next-token logits.
-            tokens (`torch.LongTensor` `[B, n]`): the tokens so far (what the warpers see as `input_ids`).
             generator (`torch.Generator` or a list of B, *optional*): see `draw_uniforms`.
 
         Returns:
             `torch.LongTensor` `[B, 1]`: the next tokens.
+        """
+        batch_size = len(logits) // 2 if self.is_guided else len(logits)
+        return self.select(logits, self.draw_uniforms(batch_size, generator, logits.device))
+
+    def draw_uniforms(
+        self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None, device: torch.device
+    ) -> torch.Tensor | None:
+        """The random numbers `select` needs for a batch of B rows (`[B]` float64 on `device`), or None when not
+        sampling; see the module's `draw_uniforms`."""
+        return draw_uniforms(batch_size, generator, device) if self.do_sample else None
+
+    def select(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.LongTensor:
+        """
+        The next tokens `[B, 1]` from `logits` (as in `__call__`) and one uniform draw per row `[B]` (None when not
+        sampling). Pure tensor code with no host synchronisation, so it can run inside a compiled, CUDA-graphed step.
         """
         logits = logits.float()
         if self.is_guided:
             logits = classifier_free_guidance(*logits.chunk(2), self.guidance_scale)
         if not self.do_sample:
             return logits.argmax(dim=-1, keepdim=True)
-        probs = F.softmax(self.logits_warpers(tokens, logits), dim=-1)
-        return sample_from_probs(probs, draw_uniforms(len(probs), generator, probs.device))
+        # Temperature, top-k and top-p read only the scores, not the tokens so far.
+        probs = F.softmax(self.logits_warpers(None, logits), dim=-1)
+        return sample_from_probs(probs, uniforms)
 
 
 def draw_uniforms(
