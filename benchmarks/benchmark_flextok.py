@@ -84,9 +84,8 @@ def decoder_step_flops(model: FlexTokModel, ids: torch.Tensor) -> float:
     return counter.get_total_flops()
 
 
-def tokenizer_rows(nodes: dict, images: torch.Tensor, steps: int, reference_src: str | None) -> list[dict]:
+def measure_tokenizer(record, nodes: dict, images: torch.Tensor, steps: int, reference_src: str | None):
     config, _ = parse_reference_config(nodes)
-    rows = []
 
     def add(implementation, encode, detokenize, extra=None):
         start = time.perf_counter()
@@ -97,7 +96,7 @@ def tokenizer_rows(nodes: dict, images: torch.Tensor, steps: int, reference_src:
         encode_s = min(timed(encode) for _ in range(3))
         one_step_s = timed(lambda: detokenize(1))
         all_steps_s = timed(lambda: detokenize(steps))
-        rows.append(
+        record(
             dict(
                 name=f"tokenizer {implementation}",
                 encode_s=encode_s,
@@ -108,7 +107,6 @@ def tokenizer_rows(nodes: dict, images: torch.Tensor, steps: int, reference_src:
                 **(extra or {}),
             )
         )
-        print(rows[-1], flush=True)
 
     def add_ours(compiled):
         release_memory()
@@ -147,7 +145,6 @@ def tokenizer_rows(nodes: dict, images: torch.Tensor, steps: int, reference_src:
                 lambda n: reference.detokenize(reference_ids, timesteps=n, **guidance),
             )
         del reference
-    return rows
 
 
 def new_ar_model() -> FlexTokARModel:
@@ -163,10 +160,9 @@ def generate(model: FlexTokARModel, batch: int, num_tokens: int = 256) -> torch.
     return model.generate_tokens(class_labels=labels, num_tokens=num_tokens, generator=generator, **AR_SAMPLING)
 
 
-def ar_rows() -> list[dict]:
+def measure_ar(record):
     model = new_ar_model()
     generate(model, 8, num_tokens=16)  # CUDA and cuBLAS start-up, at a batch size measured nowhere
-    rows = []
     for compiled in (False, True):
         if compiled:
             model.compile_generation()
@@ -175,7 +171,7 @@ def ar_rows() -> list[dict]:
             call = partial(generate, model, batch)
             first_s = timed(call)
             steady_s = min(timed(call) for _ in range(2))
-            rows.append(
+            record(
                 dict(
                     name=f"AR 1.5B bs{batch}" + (" compiled" if compiled else " eager"),
                     first_call_s=first_s,
@@ -184,16 +180,13 @@ def ar_rows() -> list[dict]:
                     peak_memory_gib=peak_gib(),
                 )
             )
-            print(rows[-1], flush=True)
-    return rows
 
 
-def ceiling_rows(ceiling_path: str) -> list[dict]:
+def measure_ceiling(record, ceiling_path: str):
     # Run the shared ceiling script's own `bench` unchanged, so its figure is exactly what it measures.
     spec = importlib.util.spec_from_file_location("ar_ceiling", ceiling_path)
     ceiling = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ceiling)
-    rows = []
     for batch, compiled in ((1, True), (64, True), (64, False)):
         release_memory()
         printout = io.StringIO()
@@ -204,11 +197,10 @@ def ceiling_rows(ceiling_path: str) -> list[dict]:
         first_s = float(re.search(r"first call ([\d.]+) s", text).group(1))
         step_ms = float(re.search(r"= ([\d.]+) ms/step", text).group(1))
         name = f"AR ceiling bs{batch}" + (" compiled" if compiled else " eager")
-        rows.append(dict(name=name, first_call_s=first_s, step_ms=step_ms, steady_s=step_ms * 256 / 1e3))
-    return rows
+        record(dict(name=name, first_call_s=first_s, step_ms=step_ms, steady_s=step_ms * 256 / 1e3))
 
 
-def pipeline_rows(nodes: dict) -> list[dict]:
+def measure_pipeline(record, nodes: dict):
     config, _ = parse_reference_config(nodes)
     ar_model = new_ar_model()
     with torch.device("cuda"):
@@ -229,18 +221,15 @@ def pipeline_rows(nodes: dict) -> list[dict]:
             **AR_SAMPLING,
         )
 
-    rows = []
     for batch in (64, 1):
         warm_up_s = timed(partial(call, batch))
         torch.cuda.reset_peak_memory_stats()
         steady_s = min(timed(partial(call, batch)) for _ in range(2))
-        rows.append(
+        record(
             dict(
                 name=f"pipeline bs{batch} compiled", warm_up_s=warm_up_s, steady_s=steady_s, peak_memory_gib=peak_gib()
             )
         )
-        print(rows[-1], flush=True)
-    return rows
 
 
 def ratios(rows: dict[str, dict]) -> dict[str, float]:
@@ -295,8 +284,10 @@ def main():
         results = json.loads(Path(args.output).read_text())
     rows = {row["name"]: row for row in results["rows"]}
 
-    def save(new_rows):
-        rows.update({row["name"]: row for row in new_rows})
+    def record(row):
+        """Keeps one measured row and rewrites the JSON, so a run cut short still leaves what it measured."""
+        print(row, flush=True)
+        rows[row["name"]] = row
         results.update(
             device=torch.cuda.get_device_name(),
             torch=torch.__version__,
@@ -310,13 +301,13 @@ def main():
 
     if "tokenizer" in args.parts:
         images = torch.rand(args.batch, 3, 256, 256, device="cuda") * 2 - 1
-        save(tokenizer_rows(nodes, images, args.steps, args.reference_src))
+        measure_tokenizer(record, nodes, images, args.steps, args.reference_src)
     if "ar" in args.parts:
-        save(ar_rows())
+        measure_ar(record)
     if "ceiling" in args.parts:
-        save(ceiling_rows(args.ceiling))
+        measure_ceiling(record, args.ceiling)
     if "pipeline" in args.parts:
-        save(pipeline_rows(nodes))
+        measure_pipeline(record, nodes)
 
     print(f"\n{results['device']}, torch {results['torch']}")
     print_table(rows)

@@ -595,16 +595,16 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         cache_slots = torch.arange(prefix_length - 1, prefix_length + num_tokens - 1, device=device)
         positions = torch.arange(num_tokens, device=device)
         for token_index in range(1, num_tokens):
-            uniforms = sampler.draw_uniforms(batch_size, generator, device)
-            tokens[:, token_index : token_index + 1] = generation_step(
-                tokens[:, token_index - 1 : token_index],
+            last_tokens = tokens[:, token_index - 1 : token_index]
+            logits = generation_step(
+                last_tokens.repeat(2, 1) if sampler.is_guided else last_tokens,
                 positions[token_index : token_index + 1],
                 cache_slots[token_index : token_index + 1],
                 key_padding_mask,
                 past_key_values,
-                sampler,
-                uniforms,
             )
+            uniforms = sampler.draw_uniforms(batch_size, generator, device)
+            tokens[:, token_index : token_index + 1] = sampler.select(logits, uniforms)
             if callback_on_token is not None:
                 callback_on_token(token_index, tokens[:, : token_index + 1])
         return tokens
@@ -616,20 +616,17 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         cache_slot: torch.LongTensor,
         key_padding_mask: torch.BoolTensor,
         past_key_values: StaticCache,
-        sampler: TokenSampler,
-        uniforms: torch.Tensor | None,
-    ) -> torch.LongTensor:
+    ) -> torch.Tensor:
         """
-        One fixed-shape step of `generate_tokens`: feeds the last tokens `[batch, 1]` (position embedding
+        One fixed-shape step of `generate_tokens`: feeds the last tokens `[rows, 1]` (position embedding
         `position_ids` `[1]`, cache slot `cache_slot` `[1]`) through the cached decoder, whose keys are masked by
-        `key_padding_mask` `[rows, cache_length]`, and picks the next tokens `[batch, 1]` with `sampler` from
-        `uniforms` `[batch]`. No host synchronisation, so `compile_generation` can capture it as one CUDA graph.
+        `key_padding_mask` `[rows, cache_length]`, and returns the next-token logits `[rows, vocab_size]`. No host
+        synchronisation, so `compile_generation` can capture it as one CUDA graph. (Sampling stays outside: inductor
+        fails to build the sampler's scan kernels over a 64000-id vocabulary.)
         """
-        if sampler.is_guided:
-            token_ids = token_ids.repeat(2, 1)
         inputs_embeds = self.embed_tokens(token_ids) + self.embed_positions(position_ids)
         hidden_states = self._decode(inputs_embeds, self._attention_mask(key_padding_mask, cache_slot), past_key_values)
-        return sampler.select(self.lm_head(hidden_states[:, -1]), uniforms)
+        return self.lm_head(hidden_states[:, -1])
 
     def _generation_cache(self, rows: int, length: int, dtype: torch.dtype, device: torch.device) -> StaticCache:
         """

@@ -175,7 +175,7 @@ class TokenSampler:
     def select(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.LongTensor:
         """
         The next tokens `[B, 1]` from `logits` (as in `__call__`) and one uniform draw per row `[B]` (None when not
-        sampling). Pure tensor code with no host synchronisation, so it can run inside a compiled, CUDA-graphed step.
+        sampling). No host synchronisation: the work queues behind the model's step without waiting for it.
         """
         logits = logits.float()
         if self.is_guided:
