@@ -18,36 +18,23 @@ from .sampling import TokenSampler
 from .utils import check_num_tokens
 
 
-class FlexTokARRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-
 class FlexTokARMLP(nn.Module):
-    """SwiGLU feed-forward block."""
+    """SwiGLU feed-forward block; the gate and up projections are one GEMM."""
 
     def __init__(self, config: FlexTokARConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states)))
+        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+        return self.dropout(self.down_proj(F.silu(gate) * up))
 
 
 class FlexTokARAttention(nn.Module):
-    """Multi-head self-attention through `F.scaled_dot_product_attention`; positions are learned embeddings, no RoPE."""
+    """Multi-head self-attention through `F.scaled_dot_product_attention`, queries, keys and values from one GEMM;
+    positions are learned embeddings, no RoPE."""
 
     def __init__(self, config: FlexTokARConfig, layer_idx: int) -> None:
         super().__init__()
@@ -55,9 +42,7 @@ class FlexTokARAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.attention_dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
@@ -70,15 +55,13 @@ class FlexTokARAttention(nn.Module):
         """
         Args:
             hidden_states: `[batch, query_length, hidden_size]`.
-            attention_mask: boolean `[batch, 1, query_length, key_length]`, True where a query may attend a key;
-                `key_length` counts the cached keys too.
+            attention_mask: additive `[batch, 1, query_length, key_length]` (0 or -inf); `key_length` counts the
+                cached keys too.
             past_key_values: cache that receives this call's keys and values and supplies the earlier ones.
         """
         batch_size, query_length, _ = hidden_states.shape
-        heads_shape = (batch_size, query_length, self.num_heads, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(heads_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(heads_shape).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2)
+        qkv_shape = (batch_size, query_length, 3, self.num_heads, self.head_dim)
+        query_states, key_states, value_states = self.qkv_proj(hidden_states).view(qkv_shape).permute(2, 0, 3, 1, 4)
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
@@ -97,9 +80,9 @@ class FlexTokARAttention(nn.Module):
 class FlexTokARDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: FlexTokARConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = FlexTokARRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = FlexTokARAttention(config, layer_idx)
-        self.post_attention_layernorm = FlexTokARRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = FlexTokARMLP(config)
 
     def forward(
@@ -161,7 +144,7 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         self.layers = nn.ModuleList(
             [FlexTokARDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        self.norm = FlexTokARRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # Set by `compile_generation`.
         self._compiled_generation_step = None
@@ -334,17 +317,21 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         return self.embed_tokens(token_ids) + self.embed_positions(positions)
 
     @staticmethod
-    def _attention_mask(key_padding_mask: torch.BoolTensor, query_positions: torch.Tensor) -> torch.BoolTensor:
+    def _attention_mask(
+        key_padding_mask: torch.BoolTensor, query_positions: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
         """
-        Causal attention mask `[batch, 1, num_queries, num_keys]` (True where a query may attend a key) for queries
-        at sequence positions `query_positions` `[num_queries]` over keys 0 .. num_keys - 1, where
-        `key_padding_mask` `[batch, num_keys]` is False for padded keys.
+        Causal attention mask `[batch, 1, num_queries, num_keys]` for queries at sequence positions
+        `query_positions` `[num_queries]` over keys 0 .. num_keys - 1, where `key_padding_mask` `[batch, num_keys]`
+        is False for padded keys. Additive (0 or -inf, in `dtype`): attention would otherwise convert a boolean mask
+        in every layer.
         """
         key_positions = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)
         query_positions = query_positions.to(key_padding_mask.device)[:, None]
         causal = key_positions[None, :] <= query_positions
         # A padded slot still attends to itself, so its attention row is never empty (which would yield NaN).
-        return (causal & key_padding_mask[:, None, None, :]) | (key_positions == query_positions)
+        allowed = (causal & key_padding_mask[:, None, None, :]) | (key_positions == query_positions)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
     def _decode(
         self,
@@ -353,9 +340,9 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         past_key_values: Cache | None = None,
     ) -> torch.Tensor:
         """
-        Runs the decoder layers on `inputs_embeds` `[batch, length, hidden_size]` after the cached sequence, with
-        `attention_mask` `[batch, 1, length, num_keys]` from `_attention_mask`; returns the normed hidden states
-        `[batch, length, hidden_size]`.
+        Runs the decoder layers on `inputs_embeds` `[batch, length, hidden_size]` after the cached sequence, with the
+        additive `attention_mask` `[batch, 1, length, num_keys]` from `_attention_mask`; returns the normed hidden
+        states `[batch, length, hidden_size]`.
         """
         hidden_states = inputs_embeds
         for decoder_layer in self.layers:
@@ -425,7 +412,9 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         key_padding_mask = F.pad(prefix_mask, (0, token_embeds.shape[1]), value=True)
 
         query_positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
-        hidden_states = self._decode(inputs_embeds, self._attention_mask(key_padding_mask, query_positions))
+        hidden_states = self._decode(
+            inputs_embeds, self._attention_mask(key_padding_mask, query_positions, inputs_embeds.dtype)
+        )
         logits = self.lm_head(hidden_states[:, prefix_embeds.shape[1] - 1 :])
 
         loss = None
@@ -583,7 +572,7 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         key_padding_mask = F.pad(prefix_mask, (0, cache_length - prefix_length), value=True)
         prefix_slots = torch.arange(prefix_length, device=device)
         hidden_states = self._decode(
-            prefix_embeds, self._attention_mask(key_padding_mask, prefix_slots), past_key_values
+            prefix_embeds, self._attention_mask(key_padding_mask, prefix_slots, prefix_embeds.dtype), past_key_values
         )
 
         tokens = torch.empty(batch_size, num_tokens, dtype=torch.long, device=device)
@@ -625,7 +614,9 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         fails to build the sampler's scan kernels over a 64000-id vocabulary.)
         """
         inputs_embeds = self.embed_tokens(token_ids) + self.embed_positions(position_ids)
-        hidden_states = self._decode(inputs_embeds, self._attention_mask(key_padding_mask, cache_slot), past_key_values)
+        hidden_states = self._decode(
+            inputs_embeds, self._attention_mask(key_padding_mask, cache_slot, inputs_embeds.dtype), past_key_values
+        )
         return self.lm_head(hidden_states[:, -1])
 
     def _generation_cache(self, rows: int, length: int, dtype: torch.dtype, device: torch.device) -> StaticCache:
@@ -663,5 +654,4 @@ __all__ = [
     "FlexTokARMLP",
     "FlexTokARModel",
     "FlexTokARPreTrainedModel",
-    "FlexTokARRMSNorm",
 ]
