@@ -13,12 +13,14 @@ import math
 import numbers
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+if TYPE_CHECKING:
+    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
 
 
 def check_guidance_scale(scale: float, name: str = "guidance_scale") -> None:
@@ -77,14 +79,20 @@ class FlowGuidance:
         """Whether the unconditional velocity is needed at all."""
         return self.scale != 1.0
 
-    def new_momentum_buffer(self) -> MomentumBuffer | None:
+    def new_momentum_buffer(self) -> "MomentumBuffer | None":
         """APG's running average of `c - u`, fresh for each sampling run (`None` for CFG)."""
+        from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
+
         return MomentumBuffer(self.momentum) if self.method == "apg" else None
 
     def __call__(
-        self, conditional: torch.Tensor, unconditional: torch.Tensor, momentum_buffer: MomentumBuffer | None = None
+        self, conditional: torch.Tensor, unconditional: torch.Tensor, momentum_buffer: "MomentumBuffer | None" = None
     ) -> torch.Tensor:
         """Guided velocity `[B, C, H, W]` from `c` and `u` of that shape; APG updates `momentum_buffer`."""
+        # Imported here, not with the module: diffusers' guiders import peft when it is installed, peft imports
+        # transformers' Auto classes, and those import our modeling modules, which import this one.
+        from diffusers.guiders.adaptive_projected_guidance import normalized_guidance
+
         if self.method == "cfg":
             return classifier_free_guidance(conditional, unconditional, self.scale)
         return normalized_guidance(
