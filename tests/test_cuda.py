@@ -101,3 +101,14 @@ def test_compiled_generation_replays_cuda_graphs_and_keeps_the_tokens(no_tf32):
         compiled = [generate(labels, setting) for labels in batches for setting in settings]
         assert all(torch.equal(c, e) for c, e in zip(compiled, eager, strict=True))
     assert not counters["inductor"]["cudagraph_skips"]
+
+
+def test_compiled_pipeline_matches_the_eager_one(no_tf32):
+    kwargs = dict(class_labels=[1, 7], num_tokens=5, num_inference_steps=2, output_type="pt", return_tokens=True)
+    eager = tiny_class_pipeline().to("cuda")(generator=torch.Generator("cuda").manual_seed(0), **kwargs)
+    pipe = tiny_class_pipeline().to("cuda")
+    pipe.enable_compile()
+    for _ in range(2):  # compiles, then replays
+        compiled = pipe(generator=torch.Generator("cuda").manual_seed(0), **kwargs)
+        assert torch.equal(compiled.tokens, eager.tokens)
+        assert relative_error(compiled.images, eager.images) < 1e-4
