@@ -8,7 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
+from diffusers import (
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    ImagePipelineOutput,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import replace_example_docstring
@@ -17,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from flextok_hf.hub_utils import ModelCardMixin
 from flextok_hf.modeling_flextok import FlexTokModel
 from flextok_hf.modeling_flextok_ar import FlexTokARModel
-from flextok_hf.sampling import FlowGuidance, check_guidance_scale, flow_sigmas
+from flextok_hf.sampling import FlowGuidance, check_guidance_scale, flow_sigmas, set_flow_timesteps
 from flextok_hf.utils import check_num_tokens
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -60,7 +65,8 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
     Args:
         ar_model ([`FlexTokARModel`]): autoregressive generator of FlexTok tokens, class- or text-conditional.
         flextok ([`FlexTokModel`]): the FlexTok tokenizer; its decoder renders token sequences into images.
-        scheduler ([`FlowMatchEulerDiscreteScheduler`]): steps the decoder's rectified flow from noise to latents.
+        scheduler ([`FlowMatchEulerDiscreteScheduler`] or [`FlowMatchHeunDiscreteScheduler`]): steps the decoder's
+            rectified flow from noise to latents (Euler is the released sampler; Heun is second order).
         text_encoder ([`~transformers.PreTrainedModel`], *optional*): any transformers text encoder whose last hidden
             states condition a text-conditional `ar_model` (its hidden size is `ar_model.config.text_hidden_size`).
         tokenizer ([`~transformers.PreTrainedTokenizerBase`], *optional*): the text encoder's tokenizer.
@@ -74,7 +80,7 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
         self,
         ar_model: FlexTokARModel,
         flextok: FlexTokModel,
-        scheduler: FlowMatchEulerDiscreteScheduler,
+        scheduler: FlowMatchEulerDiscreteScheduler | FlowMatchHeunDiscreteScheduler,
         text_encoder: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ):
@@ -107,7 +113,8 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
 
     @property
     def num_timesteps(self) -> int:
-        """Denoising steps of the current call."""
+        """Time steps of the current call's denoising loop, one decoder evaluation each (Heun: two per step but the
+        last)."""
         return self._num_timesteps
 
     @property
@@ -378,7 +385,8 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
                 settings, instead of plain classifier-free guidance; it tolerates high guidance scales without
                 oversaturation.
             num_inference_steps (`int`, defaults to 25):
-                Euler steps of the decoder from noise to image, at the noise levels i / `num_inference_steps`.
+                Steps of the decoder from noise to image, at the noise levels i / `num_inference_steps`: as many
+                decoder evaluations with an Euler `scheduler`, 2 * `num_inference_steps` - 1 with a Heun one.
             height (`int`, *optional*, defaults to `flextok.config.image_size`):
                 Image height in pixels, a multiple of `flextok.config.image_multiple`.
             width (`int`, *optional*, defaults to `flextok.config.image_size`):
@@ -492,13 +500,14 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
         codes, keep_k = self.flextok.prepare_registers(tokens)
         latents = self.flextok.prepare_latents(batch_size, height, width, generator, device, latents)
 
-        # 5. Denoising loop: Euler steps from noise to VAE latents, the decoder told the scheduler's sigmas
-        self.scheduler.set_timesteps(sigmas=flow_sigmas(num_inference_steps), device=device)
+        # 5. Denoising loop from noise to VAE latents, one decoder evaluation per time step (Heun: two per step), the
+        # decoder told the scheduler's sigmas
+        set_flow_timesteps(self.scheduler, num_inference_steps, device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         guidance = FlowGuidance(decoder_guidance_scale, "apg" if decoder_norm_guidance else "cfg")
         momentum_buffer = guidance.new_momentum_buffer()
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue

@@ -305,22 +305,26 @@ def test_decoding_cost_over_steps_and_samplers(tmp_path):
         evaluate_token_budgets(model, [random_images(2)], budgets=[0, 9])
 
 
-@pytest.mark.xfail(
-    raises=TypeError,
-    strict=True,
-    reason="FlexTokModel.decode sets FlexTok's sigmas with set_timesteps(sigmas=...) and takes one scheduler step "
-    "per model call; a Heun scheduler needs num_inference_steps and two calls per step (see docs/evaluation.md).",
-)
-def test_second_order_sampler():
+def test_second_order_sampler(monkeypatch):
     model = random_flextok_model()
+    evaluated_at = []
+    guided_velocity = model.guided_velocity
+    monkeypatch.setattr(model, "guided_velocity", lambda *args: evaluated_at.append(args[1]) or guided_velocity(*args))
+    schedulers = {"euler": FlowMatchEulerDiscreteScheduler(), "heun": FlowMatchHeunDiscreteScheduler()}
     rows, _ = evaluate_token_budgets(
-        model,
-        [random_images(2)],
-        budgets=[8],
-        num_inference_steps=2,
-        schedulers={"heun": FlowMatchHeunDiscreteScheduler()},
+        model, [random_images(2)], budgets=[8], num_inference_steps=[1, 2], schedulers=schedulers
     )
-    assert rows[0]["nfe"] == 3  # Heun: 2 steps = 3 model evaluations (the last step is first order)
+    # Heun: 2 steps = 3 decoder evaluations (the last step, to sigma 0, is first order); nfe counts them all.
+    assert [(row["sampler"], row["steps"], row["nfe"]) for row in rows] == [
+        ("euler", 1, 1),
+        ("euler", 2, 2),
+        ("heun", 1, 1),
+        ("heun", 2, 3),
+    ]
+    assert evaluated_at == [1.0] + [1.0, 0.5] + [1.0] + [1.0, 0.5, 0.5]
+    # From the same noise, one Heun step (to sigma 0) is the Euler step; two steps are not.
+    assert rows[2]["latent_mse"] == pytest.approx(rows[0]["latent_mse"], rel=1e-5)
+    assert rows[3]["latent_mse"] != pytest.approx(rows[1]["latent_mse"], rel=1e-3)
 
 
 def test_command_line_on_an_image_folder(tmp_path):

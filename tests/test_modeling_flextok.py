@@ -1,10 +1,11 @@
 import json
+import math
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from huggingface_hub.errors import StrictDataclassError
 from reference_format import reference_config_nodes, reference_state_dict, write_hub_format, write_metadata_format
 from safetensors import safe_open
@@ -218,6 +219,40 @@ def test_decode_conditions_the_model_on_the_scheduler_sigmas(model, images):
         hook.remove()
     torch.testing.assert_close(torch.tensor(told), shifted.sigmas[:-1].cpu())
     assert told[1] == pytest.approx(3 * 0.75 / (1 + 2 * 0.75))
+
+
+def test_heun_decoding_is_second_order_on_a_flow_with_a_known_solution(model, monkeypatch):
+    """The decoder replaced by the exact velocity of the rectified flow from N(0, 1) noise to N(mean, std^2) data:
+    at noise level sigma the sample is (1 - sigma) * mean + r(sigma) * noise, r^2 = sigma^2 + (1 - sigma)^2 std^2,
+    so the ODE from noise x(1) ends at mean + std * x(1) exactly. Euler's error halves when the steps double, Heun's
+    quarters."""
+    mean, std = 0.5, 0.5
+    evaluated_at = []
+
+    def exact_velocity(latents, sigma, *args):
+        evaluated_at.append(sigma)
+        variance = sigma**2 + (1 - sigma) ** 2 * std**2
+        return -mean + (sigma - (1 - sigma) * std**2) * (latents - (1 - sigma) * mean) / variance
+
+    monkeypatch.setattr(model, "guided_velocity", exact_velocity)
+    noise = model.prepare_latents(2, 16, 16, torch.Generator().manual_seed(0))
+    ids = torch.zeros(2, 1, dtype=torch.long)
+
+    def error(scheduler, steps):
+        evaluated_at.clear()
+        kwargs = dict(num_inference_steps=steps, latents=noise, output_type="latent", scheduler=scheduler)
+        latents = model.decode(ids, **kwargs).latents
+        return (latents - (mean + std * noise)).abs().max().item()
+
+    euler = {n: error(FlowMatchEulerDiscreteScheduler(), n) for n in (4, 8, 16)}
+    assert evaluated_at == [i / 16 for i in range(16, 0, -1)]
+    heun = {n: error(FlowMatchHeunDiscreteScheduler(), n) for n in (4, 8, 16)}
+    # Heun evaluates at FlexTok's grid i/T too, twice at every inner level: 2T - 1 decoder evaluations.
+    assert evaluated_at == [1.0] + [i / 16 for i in range(15, 0, -1) for _ in range(2)]
+    assert 0.8 < math.log2(euler[8] / euler[16]) < 1.2
+    assert 1.8 < math.log2(heun[8] / heun[16]) < 2.5
+    for n in (4, 8):
+        assert heun[n] < euler[2 * n]  # closer with fewer decoder evaluations (2n - 1)
 
 
 def test_decode_smaller_images_than_the_default(model, images):

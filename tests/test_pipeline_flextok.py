@@ -13,7 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from diffusers.callbacks import PipelineCallback
 from tiny_models import random_ar_model, random_flextok_model
 from transformers import AutoModel, AutoTokenizer
@@ -169,6 +169,24 @@ def test_start_noise_can_be_given(class_pipe):
     assert torch.equal(output.tokens, tokens)
     decoded = class_pipe.flextok.decode(tokens, latents=noise, **FAST).images
     assert torch.equal(output.images, (decoded / 2 + 0.5).clamp(0, 1))
+
+
+def test_heun_scheduler_renders_as_decode_does(class_pipe):
+    pipe = quiet(FlexTokPipeline(class_pipe.ar_model, class_pipe.flextok, FlowMatchHeunDiscreteScheduler()))
+    noise = class_pipe.flextok.prepare_latents(2, IMAGE_SIZE, IMAGE_SIZE, seeded(9))
+    seen = []
+
+    def callback(pipe, step, timestep, callback_kwargs):
+        seen.append((step, pipe.num_timesteps))
+        return {}
+
+    output = class_outputs(pipe, latents=noise, callback_on_step_end=callback)
+    assert seen == [(0, 3), (1, 3), (2, 3)]  # 2 Heun steps: 3 decoder evaluations, the last step first order
+    decoded = class_pipe.flextok.decode(
+        output.tokens, latents=noise, scheduler=FlowMatchHeunDiscreteScheduler(), **FAST
+    ).images
+    assert torch.equal(output.images, (decoded / 2 + 0.5).clamp(0, 1))
+    assert not torch.equal(output.images, class_outputs(class_pipe, latents=noise).images)  # Euler's differ
 
 
 def test_dict_and_tuple_outputs_are_equal(class_pipe):

@@ -5,8 +5,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
-from flextok_hf.sampling import FlowGuidance, TokenSampler, draw_uniforms, flow_sigmas, sample_from_probs
+from flextok_hf.sampling import (
+    FlowGuidance,
+    TokenSampler,
+    draw_uniforms,
+    flow_sigmas,
+    sample_from_probs,
+    set_flow_timesteps,
+)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -30,6 +38,31 @@ def test_flow_sigmas_are_i_over_t():
 def test_flow_sigmas_reject_bad_step_counts(steps):
     with pytest.raises(ValueError, match="num_inference_steps"):
         flow_sigmas(steps)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_set_flow_timesteps_puts_flextok_grid_on_euler_and_heun(shift):
+    euler, heun = FlowMatchEulerDiscreteScheduler(shift=shift), FlowMatchHeunDiscreteScheduler(shift=shift)
+    heun_sigma_min = heun.sigma_min
+    set_flow_timesteps(euler, 4)
+    set_flow_timesteps(heun, 4)
+    shifted = torch.tensor([shift * s / (1 + (shift - 1) * s) for s in [1.0, 0.75, 0.5, 0.25]] + [0.0])
+    torch.testing.assert_close(euler.sigmas, shifted)
+    torch.testing.assert_close(euler.timesteps, 1000 * shifted[:-1])
+    # Heun: each inner level twice (the end of one step, the start of the next), one time step per model evaluation.
+    heun_layout = torch.cat([shifted[:1], shifted[1:-1].repeat_interleave(2), shifted[-1:]])
+    torch.testing.assert_close(heun.sigmas, heun_layout)
+    torch.testing.assert_close(heun.timesteps, 1000 * heun_layout[:-1])
+    assert heun.sigma_min == heun_sigma_min  # the scheduler's own default spacing is left as it was
+    set_flow_timesteps(heun, 1)
+    assert heun.sigmas.tolist() == [1.0, 0.0]
+
+
+def test_set_flow_timesteps_rejects_other_schedulers_and_bad_step_counts():
+    with pytest.raises(ValueError, match="FlowMatchHeunDiscreteScheduler"):
+        set_flow_timesteps(DDIMScheduler(), 4)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        set_flow_timesteps(FlowMatchHeunDiscreteScheduler(), 0)
 
 
 def test_cfg_guidance():

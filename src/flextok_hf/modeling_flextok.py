@@ -1,8 +1,8 @@
 """FlexTok: images -> ordered 1D sequences of 1..K discrete tokens -> images (arXiv 2502.13967).
 
 Data flow: VAE encode -> patches of the latent grid + learned registers -> ViT encoder -> FSQ token ids;
-token ids -> FSQ codes -> rectified-flow transformer decoder (adaLN-zero on the time step) -> Euler sampling
-with classifier-free or adaptive projected guidance -> VAE decode.
+token ids -> FSQ codes -> rectified-flow transformer decoder (adaLN-zero on the time step) -> Euler (or Heun)
+sampling with classifier-free or adaptive projected guidance -> VAE decode.
 """
 
 import math
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.accelerate_utils import apply_forward_hook
@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput, logging
 from .configuration_flextok import FlexTokConfig
 from .hub_utils import ModelCardMixin
 from .loading_reference import find_checkpoint, load_reference_checkpoint
-from .sampling import FlowGuidance, flow_sigmas
+from .sampling import FlowGuidance, set_flow_timesteps
 
 # Images may overshoot [-1, 1] a little after resizing; beyond this they are in another range.
 IMAGE_RANGE_TOLERANCE = 0.5
@@ -750,7 +750,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
         latents: torch.FloatTensor | None = None,
         output_type: str = "pt",
         return_dict: bool = True,
-        scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+        scheduler: FlowMatchEulerDiscreteScheduler | FlowMatchHeunDiscreteScheduler | None = None,
         progress_bar: Callable[[Iterable], Iterable] | None = None,
     ) -> FlexTokDecoderOutput | tuple:
         """Detokenize: sample images whose first k tokens are `token_ids`, with the released sampler (see
@@ -759,7 +759,8 @@ class FlexTokModel(FlexTokPreTrainedModel):
         Args:
             token_ids (`torch.LongTensor` `[B, k]` or a list of B 1D tensors of lengths 1..num_registers): the
                 prefixes may differ in length; they go through the decoder together, one batched call per step.
-            num_inference_steps (`int`): Euler steps from t=1 (noise) to t=0.
+            num_inference_steps (`int`): steps T from t=1 (noise) to t=0, at t = i/T; the decoder runs T times with
+                Euler, 2T - 1 times with Heun.
             guidance_scale (`float`): guidance strength, finite and >= 0; 1.0 disables guidance (and the
                 unconditional pass).
             norm_guidance (`bool`): adaptive projected guidance (APG) instead of plain classifier-free guidance.
@@ -768,8 +769,9 @@ class FlexTokModel(FlexTokPreTrainedModel):
             latents (`torch.FloatTensor` `[B, C, H/f, W/f]`, *optional*): initial noise, drawn if not given.
             output_type (`str`): "pt" (tensor `[B, 3, H, W]`, about [-1, 1], unclamped), "np" (`[B, H, W, 3]` in
                 [0, 1]), "pil", or "latent" (the sampled VAE latents).
-            scheduler: a `FlowMatchEulerDiscreteScheduler`; a default one (shift 1) is made if not given.
-            progress_bar: wraps the iterable of time steps; default a tqdm bar.
+            scheduler: a `FlowMatchEulerDiscreteScheduler` (default, shift 1, the released sampler) or a second-order
+                `FlowMatchHeunDiscreteScheduler`; its own shift applies on top of t = i/T.
+            progress_bar: wraps the iterable of time steps (one per decoder evaluation); default a tqdm bar.
 
         Returns:
             [`FlexTokDecoderOutput`] with `images` and `latents`, or a tuple `(images,)` if not `return_dict`.
@@ -777,18 +779,19 @@ class FlexTokModel(FlexTokPreTrainedModel):
         codes, keep_k = self.prepare_registers(token_ids)
         if output_type not in ("pt", "np", "pil", "latent"):
             raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}.")
-        sigmas = flow_sigmas(num_inference_steps)
+        scheduler = scheduler or FlowMatchEulerDiscreteScheduler()
+        set_flow_timesteps(scheduler, num_inference_steps)
         guidance = FlowGuidance(guidance_scale, "apg" if norm_guidance else "cfg")
         height = self.config.image_size if height is None else height
         width = self.config.image_size if width is None else width
         self.check_image_size(height, width)
         latents = self.prepare_latents(len(codes), height, width, generator, latents=latents)
 
-        scheduler = scheduler or FlowMatchEulerDiscreteScheduler()
         # The model is told the scheduler's sigmas, so a scheduler's own shift changes conditioning and steps alike.
-        scheduler.set_timesteps(sigmas=sigmas)
+        # Entry `step` is where the latents are: Heun lists each inner sigma twice, as the end of one step (its
+        # corrector call) and the start of the next.
         momentum_buffer = guidance.new_momentum_buffer()
-        progress_bar = progress_bar or (lambda steps: logging.tqdm(steps, total=num_inference_steps))
+        progress_bar = progress_bar or logging.tqdm
         for step, timestep in enumerate(progress_bar(scheduler.timesteps)):
             sigma = scheduler.sigmas[step].item()
             velocity = self.guided_velocity(latents, sigma, codes, keep_k, guidance, momentum_buffer)

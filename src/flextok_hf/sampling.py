@@ -1,14 +1,16 @@
 """FlexTok's samplers, shared by `FlexTokModel.decode`, `FlexTokARModel.generate_tokens`, `FlexTokPipeline`,
 evaluation and training-time previews.
 
-Images from tokens (rectified flow): Euler steps of a diffusers `FlowMatchEulerDiscreteScheduler` over the noise
-levels `flow_sigmas(T)` = i/T for i = T..1, each on the decoder's velocity guided by a `FlowGuidance`.
+Images from tokens (rectified flow): steps of a diffusers `FlowMatchEulerDiscreteScheduler` (Euler, the released
+sampler) or `FlowMatchHeunDiscreteScheduler` (Heun, second order) over the noise levels `flow_sigmas(T)` = i/T for
+i = T..1, set by `set_flow_timesteps`, each on the decoder's velocity guided by a `FlowGuidance`.
 
 Tokens from the AR model: a `TokenSampler` turns next-token logits into token ids (classifier-free guidance on the
 logits, transformers' temperature / top-k / top-p warpers, then inverse-CDF sampling driven by a `torch.Generator` or
 by one generator per row).
 """
 
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 if TYPE_CHECKING:
@@ -38,11 +41,36 @@ def classifier_free_guidance(conditional: torch.Tensor, unconditional: torch.Ten
 
 
 def flow_sigmas(num_inference_steps: int) -> list[float]:
-    """FlexTok's Euler grid, the noise levels i/T for i = T..1, for `scheduler.set_timesteps(sigmas=...)` (the
-    scheduler appends the final 0, and its own shift, if any, applies on top)."""
+    """FlexTok's grid, the noise levels i/T for i = T..1, for `scheduler.set_timesteps(sigmas=...)` (the scheduler
+    appends the final 0, and its own shift, if any, applies on top); `set_flow_timesteps` sets it on any scheduler."""
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an int of at least 1, got {num_inference_steps!r}.")
     return [i / num_inference_steps for i in range(num_inference_steps, 0, -1)]
+
+
+def set_flow_timesteps(
+    scheduler: FlowMatchEulerDiscreteScheduler | FlowMatchHeunDiscreteScheduler,
+    num_inference_steps: int,
+    device: torch.device | str | None = None,
+) -> None:
+    """Sets FlexTok's grid `flow_sigmas(num_inference_steps)`, shifted by the scheduler's own `shift`, on a diffusers
+    flow-matching scheduler. The sampling loop then evaluates the model once per entry of `scheduler.timesteps`, at
+    the noise level of the same index in `scheduler.sigmas`: T times for Euler, 2T - 1 times for Heun (two
+    evaluations per step, except the last step to sigma 0, which is an Euler step)."""
+    sigmas = flow_sigmas(num_inference_steps)
+    if isinstance(scheduler, FlowMatchHeunDiscreteScheduler):
+        # Heun's set_timesteps takes no sigmas: it spaces them evenly from sigma_max (1) down to sigma_min, then shifts
+        # them, so sigma_min = 1/T gives FlexTok's grid; the scheduler's own sigma_min is put back afterwards.
+        own_sigma_min, scheduler.sigma_min = scheduler.sigma_min, sigmas[-1]
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler.sigma_min = own_sigma_min
+    elif "sigmas" in inspect.signature(scheduler.set_timesteps).parameters:
+        scheduler.set_timesteps(sigmas=sigmas, device=device)
+    else:
+        raise ValueError(
+            "scheduler must be a FlowMatchEulerDiscreteScheduler, a FlowMatchHeunDiscreteScheduler or another "
+            f"flow-matching scheduler whose set_timesteps takes sigmas, got {type(scheduler).__name__}."
+        )
 
 
 @dataclass(frozen=True)

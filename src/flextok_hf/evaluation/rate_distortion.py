@@ -77,8 +77,9 @@ def evaluate_token_budgets(
             `config.image_size` (at most `max_images`).
         budgets (`list[int]`): token counts, default 1, 2, 4, ..., `config.num_registers`.
         num_inference_steps (`int` or list): decoding steps; each value is a setting.
-        schedulers (`dict[str, SchedulerMixin]`): sampler name -> scheduler given to `decode`; each is a setting.
-            Default `{"euler": FlowMatchEulerDiscreteScheduler()}`.
+        schedulers (`dict[str, SchedulerMixin]`): sampler name -> scheduler given to `decode`
+            (`FlowMatchEulerDiscreteScheduler` or the second-order `FlowMatchHeunDiscreteScheduler`); each is a
+            setting. Default `{"euler": FlowMatchEulerDiscreteScheduler()}`.
         guidance_scale, norm_guidance: passed to `decode`.
         metrics, feature_extractor, perceptual_extractor: which metrics, as in [`build_metrics`] (rFID needs a
             feature extractor, the perceptual distance an embedding model).
@@ -86,9 +87,10 @@ def evaluate_token_budgets(
         keep_images (`int`): keep the first setting's reconstructions of this many images (for a grid).
 
     Returns:
-        `(rows, kept)`: one row per (sampler, steps, budget), `{"sampler", "steps", "nfe" (decoder passes per image;
-        guidance runs each on a doubled batch), "tokens", "latent_mse" (decoded vs. encoded VAE latents), <metrics>,
-        "images"}`; and the kept images `{budget: [n, 3, H, W] in [0, 1]}`, budget 0 the originals.
+        `(rows, kept)`: one row per (sampler, steps, budget), `{"sampler", "steps", "nfe" (decoder evaluations per
+        image: `steps` for Euler, `2 * steps - 1` for Heun; guidance runs each on a doubled batch), "tokens",
+        "latent_mse" (decoded vs. encoded VAE latents), <metrics>, "images"}`; and the kept images
+        `{budget: [n, 3, H, W] in [0, 1]}`, budget 0 the originals.
     """
     num_registers = model.config.num_registers
     budgets = list(budgets or power_of_two_budgets(num_registers))
@@ -130,7 +132,7 @@ def evaluate_token_budgets(
                 width=batch.shape[3],
                 scheduler=scheduler,
             )
-            nfe[s] = len(scheduler.timesteps)  # as set by this decode: one decoder pass per scheduler step
+            nfe[s] = len(scheduler.timesteps)  # as set by this decode, which evaluates the decoder once per entry
             reconstructions = to_unit_range(output.images).split(len(batch))
             for k, reconstructed, latents in zip(
                 budgets, reconstructions, output.latents.split(len(batch)), strict=True
