@@ -277,7 +277,8 @@ def read_token_file(path: str) -> tuple[list[str], list, dict]:
             token_type = table.schema.field("token_ids").type if "token_ids" in columns else pa.null()
             is_list = pa.types.is_list(token_type) or pa.types.is_large_list(token_type)
             if not is_list or not pa.types.is_integer(token_type.value_type):
-                raise InputError(f"{path} needs a 'token_ids' column of integer lists; its schema is {table.schema}.")
+                types = dict(zip(columns, map(str, table.schema.types), strict=True))
+                raise InputError(f"{path} needs a 'token_ids' column of integer lists, has {types}.")
             sequences = [torch.tensor(ids or [], dtype=torch.long) for ids in table["token_ids"].to_pylist()]
             if "length" in columns and table["length"].to_pylist() != [len(ids) for ids in sequences]:
                 raise InputError(f"{path}: its 'length' column differs from the lengths of its token_ids.")
@@ -379,7 +380,7 @@ def tokenize(args):
             bar.update(len(batch_names))
     if not sequences:
         raise InputError(f"{args.dataset} holds no readable images.")
-    height, width = images.shape[2:]
+    height, width = images.shape[2:]  # of every image: cropped to one size, or checked to share one
     output.parent.mkdir(parents=True, exist_ok=True)
     write_token_file(output, names, sequences, {"model": args.model, "height": str(height), "width": str(width)})
     mean_length = sum(len(ids) for ids in sequences) / len(sequences)
