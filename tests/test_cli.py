@@ -246,6 +246,8 @@ def bad_token_files(folder, codebook_size: int) -> dict:
         ("unreadable_image", EXIT_INPUT_ERROR, "as an image: cannot identify image file"),
         ("wrong_image_size", EXIT_INPUT_ERROR, "must be positive multiples of 4 (VAE factor 2 x patch size 2)"),
         ("mixed_image_sizes", EXIT_INPUT_ERROR, "with --resize none all images must have one size"),
+        ("missing_model", EXIT_INPUT_ERROR, "No such model folder: "),
+        ("missing_pipeline", EXIT_INPUT_ERROR, "No such pipeline folder: "),
         ("no_images", EXIT_USAGE_ERROR, "Give image files or folders, or --dataset"),
         ("bad_output_suffix", EXIT_USAGE_ERROR, "--output must end in .safetensors or .parquet"),
         ("missing_token_file", EXIT_INPUT_ERROR, "No such token file: "),
@@ -278,13 +280,16 @@ def test_user_errors_exit_with_one_line_and_no_traceback(
         "unreadable_image": [*tokenize, folder, tmp_path / "broken.png"],
         "wrong_image_size": [*tokenize, tmp_path / "large", "--resize", "none"],
         "mixed_image_sizes": [*tokenize, mixed, "--resize", "none"],
+        "missing_model": ["tokenize", folder, "--output", tmp_path / "out.parquet", "--model", tmp_path / "nothing"],
+        "missing_pipeline": ["generate", "--pipeline", tmp_path / "nothing", "--class-labels", 1, *detokenize[:2]],
         "no_images": tokenize,
-        "bad_output_suffix": ["tokenize", folder, "--output", tmp_path / "tokens.npy"],
+        "bad_output_suffix": ["tokenize", folder, "--output", tmp_path / "tokens.npy", "--model", model_dir],
         "missing_token_file": ["detokenize", tmp_path / "missing.safetensors", *detokenize],
         "too_many_tokens": ["detokenize", token_files["valid"], *detokenize, "--num-tokens", 9],
         "unknown_dtype": ["detokenize", token_files["out_of_range"], *detokenize, "--dtype", "float64"],
         "prompt_for_class_pipeline": ["generate", "--pipeline", pipeline_dir, "--prompt", "a cat", *detokenize[:2]],
-        "unknown_sampler": ["evaluate", folder, "--output-dir", tmp_path / "results", "--samplers", "rk4"],
+        "unknown_sampler": ["evaluate", folder, "--output-dir", tmp_path / "results", "--model", "random"]
+        + ["--samplers", "rk4"],
     }.get(case) or ["detokenize", token_files[case], *detokenize]
 
     status, out, err = run(argv, capsys)
@@ -304,7 +309,8 @@ def test_reconstruct_bad_num_tokens_is_a_usage_error(tmp_path, capsys):
 
 
 def test_as_a_process_errors_are_one_line_and_parsing_needs_no_torch(tmp_path):
-    command = [sys.executable, "-m", "flextok_hf.cli", "detokenize", tmp_path / "missing.parquet", "--output-dir", "x"]
+    command = [sys.executable, "-m", "flextok_hf.cli", "detokenize", tmp_path / "missing.parquet"]
+    command += ["--output-dir", tmp_path, "--model", "random"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == EXIT_INPUT_ERROR
     assert result.stderr.splitlines() == [

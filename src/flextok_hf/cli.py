@@ -59,9 +59,8 @@ def positive_int(text: str) -> int:
 
 
 # Arguments that several subcommands take.
-MODEL = argument(
-    "--model", default="random", help="'random' (a small fresh model, built from --seed), a Hub repo id or a folder"
-)
+MODEL_HELP = "a folder or Hub repo id (either checkpoint format), or 'random': a small fresh model built from --seed"
+MODEL = argument("--model", required=True, help=MODEL_HELP)
 DEVICE = argument("--device", help="default: cuda if available, else cpu")
 DTYPE = argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="of the weights")
 BATCH_SIZE = argument("--batch-size", type=positive_int, default=8, help="images per batch (default 8)")
@@ -92,13 +91,24 @@ def torch_device_and_dtype(args):
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu"), getattr(torch, args.dtype)
 
 
+def check_local_path(name: str, what: str):
+    """Refuses a local path that does not exist, before loading code takes it for a Hub repo id ('name' or
+    'owner/name') and reports a network or id error."""
+    if not Path(name).exists() and (Path(name).is_absolute() or name.startswith(".") or name.count("/") > 1):
+        raise InputError(f"No such {what} folder: {name}")
+
+
 def load_tokenizer(args):
     """The `FlexTokModel` named by `--model`, on `--device` in `--dtype`, in eval mode."""
     from .modeling_flextok import FlexTokModel
     from .reconstruction_grid import small_random_model
 
+    if args.model == "random":
+        model = small_random_model(args.seed)
+    else:
+        check_local_path(args.model, "model")
+        model = FlexTokModel.from_pretrained(args.model)
     device, dtype = torch_device_and_dtype(args)
-    model = small_random_model(args.seed) if args.model == "random" else FlexTokModel.from_pretrained(args.model)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -109,11 +119,11 @@ def quiet_decoding():
     logging.disable_progress_bar()
 
 
-def progress(iterable, **options):
-    """A tqdm bar on an interactive stderr only, so logs and pipes stay clean."""
+def progress_bar(total: int | None, description: str):
+    """A bar counting images, shown on an interactive stderr only, so that logs and pipes stay clean."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, disable=None, **options)
+    return tqdm(total=total, unit="image", desc=description, disable=None)
 
 
 def one_line(error: BaseException) -> str:
@@ -267,7 +277,8 @@ def read_token_file(path: str) -> tuple[list[str], list, dict]:
             token_type = table.schema.field("token_ids").type if "token_ids" in columns else pa.null()
             is_list = pa.types.is_list(token_type) or pa.types.is_large_list(token_type)
             if not is_list or not pa.types.is_integer(token_type.value_type):
-                raise InputError(f"{path} needs a 'token_ids' column of integer lists; its schema is {table.schema}.")
+                types = dict(zip(columns, map(str, table.schema.types), strict=True))
+                raise InputError(f"{path} needs a 'token_ids' column of integer lists, has {types}.")
             sequences = [torch.tensor(ids or [], dtype=torch.long) for ids in table["token_ids"].to_pylist()]
             if "length" in columns and table["length"].to_pylist() != [len(ids) for ids in sequences]:
                 raise InputError(f"{path}: its 'length' column differs from the lengths of its token_ids.")
@@ -349,7 +360,7 @@ def tokenize(args):
     generator = torch.Generator().manual_seed(args.seed)
     names, sequences, num_met = [], [], 0
     total = args.max_images if files is None else len(files)
-    with progress(None, total=total, unit="image", desc="Tokenizing") as bar:
+    with progress_bar(total, "Tokenizing") as bar:
         for batch_names, images in image_batches(args, files, model):
             if args.target is None:
                 sequences += list(model.encode(images)[:, :num_tokens].cpu())
@@ -369,7 +380,7 @@ def tokenize(args):
             bar.update(len(batch_names))
     if not sequences:
         raise InputError(f"{args.dataset} holds no readable images.")
-    height, width = images.shape[2:]
+    height, width = images.shape[2:]  # of every image: cropped to one size, or checked to share one
     output.parent.mkdir(parents=True, exist_ok=True)
     write_token_file(output, names, sequences, {"model": args.model, "height": str(height), "width": str(width)})
     mean_length = sum(len(ids) for ids in sequences) / len(sequences)
@@ -415,7 +426,7 @@ def detokenize(args):
     quiet_decoding()
     generator = torch.Generator().manual_seed(args.seed)  # drawn image after image: the batch size changes nothing
     files = [output_dir / name for name in png_names(names)]
-    with progress(None, total=len(files), unit="image", desc="Decoding") as bar:
+    with progress_bar(len(files), "Decoding") as bar:
         for start in range(0, len(files), args.batch_size):
             images = model.decode(
                 sequences[start : start + args.batch_size],
@@ -516,8 +527,7 @@ def generate(args):
 
     if (args.class_labels is None) == (args.prompt is None):
         raise ValueError("Give --class-labels or --prompt (not both).")
-    if not Path(args.pipeline).is_dir() and Path(args.pipeline).exists():
-        raise InputError(f"{args.pipeline} is not a pipeline folder.")
+    check_local_path(args.pipeline, "pipeline")
     device, dtype = torch_device_and_dtype(args)
     pipe = FlexTokPipeline.from_pretrained(args.pipeline, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -527,7 +537,7 @@ def generate(args):
     generator = torch.Generator().manual_seed(args.seed)
     output_dir = Path(args.output_dir)
     count = 0
-    with progress(None, total=len(conditions) * args.num_images_per_prompt, unit="image", desc="Generating") as bar:
+    with progress_bar(len(conditions) * args.num_images_per_prompt, "Generating") as bar:
         for start in range(0, len(conditions), args.batch_size):
             images = pipe(
                 **{key: conditions[start : start + args.batch_size]},
@@ -565,7 +575,7 @@ def convert(args):
 
 
 @command(
-    MODEL,
+    argument("--model", default="random", help=MODEL_HELP + " (default)"),
     argument("--image", help="photo to tokenize, a path or URL (default: scikit-image's astronaut)"),
     argument("--output", default="reconstructions.png"),
     argument("--num-tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256]),
