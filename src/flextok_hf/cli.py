@@ -449,7 +449,7 @@ def detokenize(args):
     MODEL,
     argument("--budgets", type=positive_int, nargs="+", help="token counts (default 1, 2, 4, ..., all)"),
     argument("--steps", type=positive_int, nargs="+", default=[25], help="decoder steps, one setting each"),
-    argument("--samplers", nargs="+", default=["euler"], help="flow-matching samplers, one setting each: euler"),
+    argument("--samplers", nargs="+", default=["euler"], help="flow-matching samplers, one setting each: euler, heun"),
     GUIDANCE_SCALE,
     argument("--features", help="rFID features: Inception TorchScript .pt file or a vision model folder"),
     argument("--perceptual-model", help="vision model folder for the perceptual distance (e.g. DINOv2)"),
