@@ -55,6 +55,9 @@ def test_tokenizer_training_learns_and_exports(image_folder, tmp_path):
     result = run_script("train_tokenizer", argv + ["--max_train_steps", "60", "--logging_steps", "10"])
     losses = logged_losses(tmp_path / "run")
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
+    logs = [json.loads(line) for line in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
+    conditions = ("flow_loss_true_tokens", "flow_loss_shuffled_tokens", "flow_loss_null_condition")
+    assert all(entry[key] > 0 for entry in logs for key in conditions)  # token dependence, at every log
     model = FlexTokModel.from_pretrained(result.model_dir)
     assert isinstance(AutoModel.from_pretrained(result.model_dir), FlexTokModel)
     card = (result.model_dir / "README.md").read_text()

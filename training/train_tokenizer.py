@@ -6,10 +6,17 @@
 Every setting of `TokenizerTrainingConfig` can be given in the YAML file or overridden as `--key value`.
 """
 
+import itertools
+
 from flextok_hf.training.config import parse_config
 from flextok_hf.training.data import build_training_stream
 from flextok_hf.training.hub import export_model
-from flextok_hf.training.tokenizer import TokenizerTrainingConfig, build_tokenizer, tokenizer_loss_function
+from flextok_hf.training.tokenizer import (
+    TokenizerTrainingConfig,
+    build_tokenizer,
+    token_dependence_evaluation,
+    tokenizer_loss_function,
+)
 from flextok_hf.training.trainer import build_accelerator, train
 
 
@@ -20,6 +27,11 @@ def main(argv=None):
     dataset, collate_fn, data_stats = build_training_stream(
         config, accelerator.process_index, accelerator.num_processes
     )
+    evaluate = None
+    if config.token_dependence_images:  # the same first images of the stream on every process
+        probe, _, _ = build_training_stream(config, rank=0, world_size=1)
+        images = collate_fn(list(itertools.islice(probe, config.token_dependence_images)))["pixel_values"]
+        evaluate = token_dependence_evaluation(images)
     return train(
         config,
         accelerator,
@@ -29,6 +41,7 @@ def main(argv=None):
         collate_fn,
         export=lambda model, folder, metrics: export_model(model, folder, config, metrics),
         data_stats=data_stats,
+        evaluate=evaluate,
     )
 
 

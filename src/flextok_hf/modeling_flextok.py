@@ -482,7 +482,7 @@ class FlexTokPreTrainedModel(ModelCardMixin, PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        # Children are initialised before their parents, so the zero-initialised layers are set by the parent.
+        # Children are initialised before their parents, so the parent sets the layers that are not xavier.
         # Modules without parameters of their own are skipped by transformers for custom code: no block-level init.
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
@@ -494,7 +494,11 @@ class FlexTokPreTrainedModel(ModelCardMixin, PreTrainedModel):
             init.copy_(module.position_table, table)
         if isinstance(module, FlexTokEncoder):
             init.trunc_normal_(module.registers, std=std)
-            init.zeros_(module.to_latents.weight)
+            # Small and random, not zero as in the released configs: with a zero head every image gets the same
+            # tokens and the encoder's trunk no gradient, so a decoder trained from scratch learns to ignore its
+            # condition. Small keeps the FSQ inputs in tanh's linear range, where codes spread over the middle
+            # levels; xavier-sized ones saturate it (docs/training.md).
+            init.trunc_normal_(module.to_latents.weight, std=std)
         elif isinstance(module, FlexTokDecoder):
             for token in (module.register_position_embeddings, module.mask_token, module.null_condition):
                 init.trunc_normal_(token, std=std)

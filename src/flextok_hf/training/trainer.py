@@ -132,6 +132,7 @@ def train(
     collate_fn: Callable,
     export: Callable[[nn.Module, Path, dict[str, float]], None],
     data_stats: Any = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> TrainingResult:
     """Trains `model` on `dataset` for `config.max_train_steps` optimiser steps.
 
@@ -142,6 +143,8 @@ def train(
         export: `(unwrapped model with the final (EMA) weights, folder, last logged metrics)`, called on the main
             process at the end; writes the model there with `save_pretrained` (and a model card).
         data_stats: an object with `as_dict()` (counts of skipped images), logged with the losses.
+        evaluate: `(unwrapped model) -> metrics`, run without gradients on every process at each logging step and
+            logged with the losses; it must use no global random state (resumed runs stay exact).
 
     Returns:
         [`TrainingResult`].
@@ -199,6 +202,9 @@ def train(
             last_logs["lr"] = lr_scheduler.get_last_lr()[0]
             if data_stats is not None:
                 last_logs.update(data_stats.as_dict())
+            if evaluate is not None:
+                with torch.no_grad():
+                    last_logs.update(evaluate(accelerator.unwrap_model(model)))
             accelerator.log(last_logs, step=step)
             if accelerator.is_main_process:
                 with open(output_dir / LOG_FILE, "a") as log_file:
