@@ -13,5 +13,5 @@ accelerate launch --num_processes 1 --mixed_precision bf16 training/train_tokeni
     --vae_name_or_path "$out/vae/model" --output_dir "$out/tokenizer"
 python training/demo/plot_token_dependence.py --run "$out/tokenizer" --images "$out/data/test" \
     --output_dir "$out/evaluation"
-python -m flextok_hf.evaluation.rate_distortion --model "$out/tokenizer/model" --images "$out/data/test" \
-    --output_dir "$out/evaluation" --steps 25 --grid 6
+flextok-hf evaluate "$out/data/test" --model "$out/tokenizer/model" \
+    --output-dir "$out/evaluation" --steps 25 --grid 6
