@@ -7,7 +7,7 @@ Every setting of `TokenizerTrainingConfig` can be given in the YAML file or over
 """
 
 from flextok_hf.training.config import parse_config
-from flextok_hf.training.data import build_training_stream
+from flextok_hf.training.data import SkipCounter, build_training_stream, collate_images
 from flextok_hf.training.hub import export_model
 from flextok_hf.training.tokenizer import TokenizerTrainingConfig, build_tokenizer, tokenizer_loss_function
 from flextok_hf.training.trainer import build_accelerator, train
@@ -17,16 +17,14 @@ def main(argv=None):
     config = parse_config(TokenizerTrainingConfig, argv)
     accelerator = build_accelerator(config)
     model, vision = build_tokenizer(config)
-    dataset, collate_fn, data_stats = build_training_stream(
-        config, accelerator.process_index, accelerator.num_processes
-    )
+    data_stats = SkipCounter()
     return train(
         config,
         accelerator,
         model,
         tokenizer_loss_function(vision, accelerator.device),
-        dataset,
-        collate_fn,
+        lambda index, count: build_training_stream(config, index, count, data_stats),
+        collate_images,
         export=lambda model, folder, metrics: export_model(model, folder, config, metrics),
         data_stats=data_stats,
     )

@@ -56,20 +56,28 @@ def build_ar_model(config: ARTrainingConfig) -> FlexTokARModel:
 
 
 def build_token_stream(config: ARTrainingConfig, rank: int, world_size: int):
-    """This rank's share of the pre-tokenised shards as a resumable stream, and its collate function.
-    With `use_flipped_tokens`, each example's mirrored ids replace its ids for half of the examples, chosen by a
-    hash of the seed and the example's key, so that a resumed run chooses the same."""
+    """Part `rank` of `world_size` of the pre-tokenised shards, as a resumable stream (examples for
+    [`token_collate_fn`])."""
     files = sorted(str(p) for p in Path(config.token_data).glob("shard-*.parquet"))
     if not files:
         raise ValueError(f"No shard-*.parquet files in {config.token_data}: run training/pretokenize.py first.")
     dataset = load_dataset("parquet", data_files=files, split="train", streaming=True)
-    dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-    use_flipped = config.use_flipped_tokens and "token_ids_flipped" in dataset.column_names
+    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+
+
+def token_collate_fn(config: ARTrainingConfig):
+    """Batches of token examples. With `use_flipped_tokens`, the mirrored ids (shards written with `--flip`) replace
+    the ids of half of the examples, chosen by a hash of the seed and the example's key, so that a resumed run
+    chooses the same."""
 
     def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         ids = []
         for example in examples:
-            flipped = use_flipped and zlib.crc32(f"{config.seed}:{example.get('key')}".encode()) % 2 == 1
+            flipped = (
+                config.use_flipped_tokens
+                and "token_ids_flipped" in example
+                and zlib.crc32(f"{config.seed}:{example.get('key')}".encode()) % 2 == 1
+            )
             ids.append(example["token_ids_flipped" if flipped else "token_ids"])
         batch = {"input_ids": torch.tensor(ids, dtype=torch.long)}
         if "label" in examples[0]:
@@ -78,7 +86,7 @@ def build_token_stream(config: ARTrainingConfig, rank: int, world_size: int):
             batch["captions"] = [example["caption"] for example in examples]
         return batch
 
-    return dataset, collate
+    return collate
 
 
 def ar_loss_function(config: ARTrainingConfig, model_config: FlexTokARConfig, device: torch.device):
