@@ -79,7 +79,7 @@ def token_collate_fn(config: ARTrainingConfig):
                 and zlib.crc32(f"{config.seed}:{example.get('key')}".encode()) % 2 == 1
             )
             ids.append(example["token_ids_flipped" if flipped else "token_ids"])
-        batch = {"input_ids": torch.tensor(ids, dtype=torch.long)}
+        batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "keys": [example.get("key") for example in examples]}
         if "label" in examples[0]:
             batch["class_labels"] = torch.tensor([example["label"] for example in examples], dtype=torch.long)
         if "caption" in examples[0]:

@@ -212,6 +212,9 @@ def train(
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint, ema_weights)
         step = trainer_state["step"]
+        # accelerate restores its count of micro-batches, which decides when accumulated gradients are applied:
+        # recount them with this run's gradient_accumulation_steps (it may change, e.g. to keep the global batch).
+        accelerator.step = step * config.gradient_accumulation_steps
         if ema is not None:
             ema.optimization_step = step
         for index, stream in streams.items():
