@@ -7,7 +7,7 @@
 Parts (each builds its own models, so each can run alone; `--output` merges the rows of several runs):
 - `tokenizer`: d18-d28 (shared/reference/SPEC.md section 5: 256x256 images, batch 64, all 256 tokens, APG 7.5).
   Encode = VAE + encoder + FSQ. One decoder step (cond + uncond rows) = (detokenize with `--steps` steps - with 1
-  step) / (steps - 1), for ours eager, ours compiled (VAE encoder, encoder, decoder), and the reference (bf16 autocast,
+  step) / (steps - 1), for ours eager, ours with encoder and decoder compiled, and the reference (bf16 autocast,
   its own compiled FlexAttention path). MFU = the step's FLOPs (`torch.utils.flop_counter`) / time / bf16 peak.
 - `ar`: `FlexTokARModel.generate_tokens` at the paper's largest AR size (hidden 2048, 24 layers, 16 heads,
   intermediate 5632, 64000 ids), class-conditional, CFG 4, top-k 1000, 256 tokens; eager and compiled
@@ -118,8 +118,8 @@ def measure_tokenizer(
         ids = model.encode(images)
         extra = {"decode_step_tflop": decoder_step_flops(model, ids) / 1e12}
         if compiled:
-            for module in (model.vae.encoder, model.encoder, model.decoder):
-                module.compile(mode=compile_mode)
+            model.encoder.compile(mode=compile_mode)
+            model.decoder.compile(mode=compile_mode)
         with torch.no_grad():
             add(
                 (f"flextok-hf, compiled ({compile_mode})" if compile_mode else "flextok-hf, compiled")

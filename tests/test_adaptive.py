@@ -137,3 +137,16 @@ def test_adaptive_tokenize_refuses_bad_arguments():
         adaptive_tokenize(model, images, 0.1, candidates=[32])
     with pytest.raises(ValueError, match="target"):
         adaptive_tokenize(model, images, float("nan"))
+
+
+def test_encode_with_a_target_is_adaptive_tokenization():
+    model, images = random_flextok_model(), random_images(3)
+    options = dict(candidates=[2, 8], num_inference_steps=1, guidance_scale=1.0)
+    out = model.encode(images, target=330.0, metric="latent_mse", generator=torch.Generator().manual_seed(4), **options)
+    expected = adaptive_tokenize(model, images, 330.0, generator=torch.Generator().manual_seed(4), **options)
+    assert type(out) is type(expected) and out.lengths.tolist() == expected.lengths.tolist()
+    assert [ids.tolist() for ids in out.token_ids] == [ids.tolist() for ids in expected.token_ids]
+    assert out.scores.tolist() == expected.scores.tolist()
+    assert torch.equal(model.encode(images), model.encode(images, return_dict=True).token_ids)  # without a target
+    with pytest.raises(ValueError, match="only apply to adaptive tokenization"):
+        model.encode(images, num_inference_steps=1)

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import PIL.ExifTags
@@ -17,7 +18,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from flextok_hf.training.data import SkipCounter, build_image_stream, collate_images, preprocess_image
-from flextok_hf.training.demo_data import HELD_OUT_PHOTOS, build_demo_image_folder
+from flextok_hf.training.demo_data import HELD_OUT_PHOTOS, SHAPES, build_demo_image_folder
 
 NUM_GOOD = 6
 
@@ -208,3 +209,14 @@ def test_demo_image_folder_keeps_held_out_photos_out_of_training(tmp_path):
     assert len(train) == 12 and set(HELD_OUT_PHOTOS) <= test
     assert PIL.Image.open(train[0]).size == (32, 32)
     assert len(list(build_image_stream(str(root / "train"), resolution=32))) == 12
+
+
+def test_demo_image_folder_with_classes_reads_with_labels(tmp_path):
+    root = build_demo_image_folder(tmp_path / "demo", num_train=40, resolution=32, seed=1, class_folders=True)
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    assert set(SHAPES) <= set(classes) and not set(HELD_OUT_PHOTOS) & set(classes)
+    assert not list((root / "train").glob("*.png"))
+    labels = {example["key"]: example["label"] for example in build_image_stream(str(root / "train"), resolution=32)}
+    assert len(labels) == 40
+    for key, label in labels.items():  # class ids number the sorted folder names
+        assert Path(key).parent.name == classes[label]

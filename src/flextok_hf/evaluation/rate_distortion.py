@@ -4,8 +4,8 @@ Each image is encoded once. For every sampler setting (scheduler x number of ste
 go through the decoder together, in one batched `decode`, since any prefix of FlexTok's ordered tokens decodes to an
 image. Every setting draws the same initial noise, so their rows differ only by the sampler.
 
-    python -m flextok_hf.evaluation.rate_distortion --model PATH --images FOLDER --output_dir results
-    python -m flextok_hf.evaluation.rate_distortion ... --budgets 16 256 --steps 4 8 16 25 --samplers euler heun
+    flextok-hf evaluate FOLDER --model PATH --output-dir results
+    flextok-hf evaluate ... --budgets 16 256 --steps 4 8 16 25 --samplers euler heun
 """
 
 import csv
@@ -23,7 +23,6 @@ from torchmetrics.regression import MeanSquaredError
 from tqdm.auto import tqdm
 
 from ..modeling_flextok import FlexTokModel
-from .features import load_image_feature_extractor
 from .metrics import build_metrics
 
 # First- and second-order flow-matching samplers by name (the command line's --samplers).
@@ -213,52 +212,3 @@ def save_reconstruction_grid(reconstructions: dict[int, torch.Tensor], path: str
     rows = torch.cat([torch.cat(list(images), dim=2) for images in zip(*columns, strict=True)], dim=1)
     pixels = (rows.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
     PIL.Image.fromarray(pixels).save(path)
-
-
-def main(argv=None):
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Reconstruction quality of a FlexTok tokenizer per token budget.")
-    parser.add_argument("--model", required=True, help="FlexTok model folder (either format) or Hub id")
-    parser.add_argument("--images", required=True, help="image folder, .tar/.parquet glob or Hub dataset")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_images", type=int)
-    parser.add_argument("--budgets", type=int, nargs="+", help="token counts (default 1, 2, 4, ..., all)")
-    parser.add_argument("--steps", type=int, nargs="+", default=[25], help="decoding steps, one setting each")
-    parser.add_argument("--samplers", nargs="+", choices=sorted(SAMPLERS), default=["euler"])
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--features", help="rFID features: Inception TorchScript .pt file or a vision model folder")
-    parser.add_argument("--perceptual_model", help="vision model folder for the perceptual distance (e.g. DINOv2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", type=int, default=0, help="also save a grid of this many images' reconstructions")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-
-    model = FlexTokModel.from_pretrained(args.model).to(args.device).eval()
-    feature_extractor = load_image_feature_extractor(args.features).to(args.device) if args.features else None
-    perceptual_extractor = (
-        load_image_feature_extractor(args.perceptual_model).to(args.device) if args.perceptual_model else None
-    )
-    rows, kept = evaluate_token_budgets(
-        model,
-        args.images,
-        budgets=args.budgets,
-        num_inference_steps=args.steps,
-        schedulers={name: SAMPLERS[name]() for name in args.samplers},
-        guidance_scale=args.guidance_scale,
-        feature_extractor=feature_extractor,
-        perceptual_extractor=perceptual_extractor,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        max_images=args.max_images,
-        keep_images=args.grid,
-    )
-    write_report(rows, args.output_dir, title=f"{args.model} on {args.images}")
-    if kept:
-        save_reconstruction_grid(kept, Path(args.output_dir) / "reconstructions.png")
-    print((Path(args.output_dir) / "results.md").read_text())
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Stage 2: the autoregressive generator over FlexTok tokens, class- or text-conditional."""
 
-import zlib
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,36 +57,37 @@ def build_ar_model(config: ARTrainingConfig) -> FlexTokARModel:
 
 def build_token_stream(config: ARTrainingConfig, rank: int, world_size: int):
     """Part `rank` of `world_size` of the pre-tokenised shards, as a resumable stream (examples for
-    [`token_collate_fn`])."""
+    [`collate_tokens`]). With `use_flipped_tokens`, an example's mirrored ids replace its ids in half of the passes,
+    drawn from the seed, the pass (`set_epoch`) and the example's key, so that a resumed run draws the same."""
     files = sorted(str(p) for p in Path(config.token_data).glob("shard-*.parquet"))
     if not files:
         raise ValueError(f"No shard-*.parquet files in {config.token_data}: run training/pretokenize.py first.")
     dataset = load_dataset("parquet", data_files=files, split="train", streaming=True)
-    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    if config.use_flipped_tokens and "token_ids_flipped" in dataset.column_names:
+
+        def choose_orientation(example: dict[str, Any]) -> dict[str, Any]:
+            # `stream` is the returned dataset: its epoch is the pass that `set_epoch` started.
+            flipped = random.Random(f"{config.seed}:{stream.epoch}:{example['key']}").random() < 0.5
+            return {"token_ids": example["token_ids_flipped" if flipped else "token_ids"]}
+
+        dataset = dataset.map(choose_orientation, remove_columns=["token_ids_flipped"])
+    stream = dataset
+    return stream
 
 
-def token_collate_fn(config: ARTrainingConfig):
-    """Batches of token examples. With `use_flipped_tokens`, the mirrored ids (shards written with `--flip`) replace
-    the ids of half of the examples, chosen by a hash of the seed and the example's key, so that a resumed run
-    chooses the same."""
-
-    def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-        ids = []
-        for example in examples:
-            flipped = (
-                config.use_flipped_tokens
-                and "token_ids_flipped" in example
-                and zlib.crc32(f"{config.seed}:{example.get('key')}".encode()) % 2 == 1
-            )
-            ids.append(example["token_ids_flipped" if flipped else "token_ids"])
-        batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "keys": [example.get("key") for example in examples]}
-        if "label" in examples[0]:
-            batch["class_labels"] = torch.tensor([example["label"] for example in examples], dtype=torch.long)
-        if "caption" in examples[0]:
-            batch["captions"] = [example["caption"] for example in examples]
-        return batch
-
-    return collate
+def collate_tokens(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Token examples -> `input_ids` `[B, N]`, `keys`, and `class_labels` `[B]` or `captions` when the shards have
+    them."""
+    batch = {
+        "input_ids": torch.tensor([example["token_ids"] for example in examples], dtype=torch.long),
+        "keys": [example["key"] for example in examples],
+    }
+    if "label" in examples[0]:
+        batch["class_labels"] = torch.tensor([example["label"] for example in examples], dtype=torch.long)
+    if "caption" in examples[0]:
+        batch["captions"] = [example["caption"] for example in examples]
+    return batch
 
 
 def ar_loss_function(config: ARTrainingConfig, model_config: FlexTokARConfig, device: torch.device):

@@ -1,6 +1,8 @@
 """A small image set anyone can build offline, for demo training runs: the photos that scikit-image and
 scikit-learn ship, cut into random crops, scales and flips, plus simple procedural images. Photos listed in
-`HELD_OUT_PHOTOS` go to `test/` only, so reconstructions of them show what the model learned, not memorised."""
+`HELD_OUT_PHOTOS` go to `test/` only, so reconstructions of them show what the model learned, not memorised.
+With `class_folders`, the training images are sorted into classes (the photo a crop comes from, the kind of shape a
+procedural image draws) for class-conditional generation."""
 
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import PIL.Image
 import PIL.ImageDraw
 
 HELD_OUT_PHOTOS = ("astronaut", "china")
+SHAPES = ("ellipses", "rectangles", "lines")
 
 
 def bundled_photos() -> dict[str, np.ndarray]:
@@ -24,8 +27,10 @@ def bundled_photos() -> dict[str, np.ndarray]:
     return photos
 
 
-def procedural_image(rng: np.random.Generator, size: int) -> PIL.Image.Image:
-    """A random gradient with a few random ellipses, rectangles and lines."""
+def procedural_image(rng: np.random.Generator, size: int, shape: str | None = None) -> PIL.Image.Image:
+    """A random gradient with a few random ellipses, rectangles and lines, or with `shape` (one of `SHAPES`) only."""
+    if shape is not None and shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES} or None, got {shape!r}.")
     ramp = np.linspace(0, 1, size, dtype=np.float32)
     start, end = rng.uniform(0, 255, (2, 3))
     angle = rng.uniform(0, 2 * np.pi)
@@ -36,10 +41,10 @@ def procedural_image(rng: np.random.Generator, size: int) -> PIL.Image.Image:
         box = sorted(rng.integers(0, size, 2)), sorted(rng.integers(0, size, 2))
         xy = [box[0][0], box[1][0], box[0][1], box[1][1]]
         color = tuple(int(c) for c in rng.integers(0, 256, 3))
-        shape = rng.integers(3)
-        if shape == 0:
+        kind = SHAPES[rng.integers(3)] if shape is None else shape
+        if kind == "ellipses":
             draw.ellipse(xy, fill=color)
-        elif shape == 1:
+        elif kind == "rectangles":
             draw.rectangle(xy, fill=color)
         else:
             draw.line(xy, fill=color, width=int(rng.integers(2, 12)))
@@ -61,22 +66,31 @@ def build_demo_image_folder(
     resolution: int = 256,
     procedural_fraction: float = 0.25,
     seed: int = 0,
+    class_folders: bool = False,
 ) -> Path:
     """Writes `train/` (`num_train` PNGs: crops of the non-held-out photos and procedural images) and `test/` (the
     held-out photos, center-cropped, plus a few crops and procedural images of their own seed) under
-    `output_dir`; returns `output_dir`."""
+    `output_dir`; returns `output_dir`.
+
+    With `class_folders`, each training image goes to `train/<class>/`, the class being the photo's name or the
+    procedural image's shape kind (`SHAPES`; each procedural image then draws one kind only): an image folder that
+    `imagefolder` reads with labels, the class ids numbering the sorted folder names."""
     output_dir = Path(output_dir)
     (output_dir / "train").mkdir(parents=True, exist_ok=True)
     (output_dir / "test").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     photos = bundled_photos()
-    train_photos = [image for name, image in photos.items() if name not in HELD_OUT_PHOTOS]
+    train_names = [name for name in photos if name not in HELD_OUT_PHOTOS]
     for index in range(num_train):
         if rng.random() < procedural_fraction:
-            image = procedural_image(rng, resolution)
+            label = SHAPES[rng.integers(len(SHAPES))] if class_folders else None
+            image = procedural_image(rng, resolution, shape=label)
         else:
-            image = random_crop(train_photos[rng.integers(len(train_photos))], rng, resolution)
-        image.save(output_dir / "train" / f"{index:06d}.png")
+            label = train_names[rng.integers(len(train_names))]
+            image = random_crop(photos[label], rng, resolution)
+        folder = output_dir / "train" / label if class_folders else output_dir / "train"
+        folder.mkdir(exist_ok=True)
+        image.save(folder / f"{index:06d}.png", compress_level=1)  # several times faster to write
     test_rng = np.random.default_rng(seed + 1)
     for name in HELD_OUT_PHOTOS:
         photo = photos[name]

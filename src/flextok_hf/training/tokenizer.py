@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from ..configuration_flextok import FlexTokConfig
@@ -29,9 +30,17 @@ class TokenizerTrainingConfig(TrainingConfig):
     freeze_encoder: bool = False
     freeze_decoder: bool = False
     repa_model_name_or_path: str | None = None
+    # At each logging step, the flow loss with true / shuffled tokens / null condition on this many training images
+    # (`token_dependence`): does the decoder read the tokens? 0 turns it off.
+    token_dependence_images: int = 16
 
     def __post_init__(self):
         super().__post_init__()
+        if self.token_dependence_images == 1 or self.token_dependence_images < 0:
+            raise ValueError(
+                f"token_dependence_images must be 0 (off) or at least 2 (tokens are shuffled among them), got "
+                f"{self.token_dependence_images}."
+            )
         if self.freeze_encoder and self.freeze_decoder:
             raise ValueError("freeze_encoder and freeze_decoder together leave nothing to train.")
 
@@ -89,3 +98,51 @@ def tokenizer_loss_function(vision: FrozenVisionFeatures | None, device: torch.d
         return output.loss, logs
 
     return compute_loss
+
+
+@torch.no_grad()
+def token_dependence(model: FlexTokModel, latents: torch.Tensor, num_draws: int = 4, seed: int = 0) -> dict[str, float]:
+    """Does the decoder read the tokens? Its flow loss on `latents` `[B, C, H/f, W/f]` (scaled VAE latents of B >= 2
+    different images) with each image's own tokens, with the tokens of the next image in the batch, and with the null
+    condition, all three on the same noise and noise levels: `num_draws` logit-normal draws per image from `seed`, so
+    no global random state is touched. A decoder that ignores its condition gives three equal losses; one that reads
+    the tokens gives a true-token loss clearly below the shuffled-token loss.
+
+    Returns:
+        `{"flow_loss_true_tokens", "flow_loss_shuffled_tokens", "flow_loss_null_condition"}` (floats).
+    """
+    if latents.ndim != 4 or len(latents) < 2:
+        raise ValueError(f"latents must be [B, C, H, W] with B >= 2 images to shuffle, got {tuple(latents.shape)}.")
+    latents = latents.to(model.device, torch.float32)
+    codes, _ = model.quantizer(model.encoder(latents))
+    conditions = {
+        "true_tokens": (codes, False),
+        "shuffled_tokens": (codes.roll(1, dims=0), False),
+        "null_condition": (codes, True),
+    }
+    generator = torch.Generator().manual_seed(seed)
+    latents = latents.repeat(num_draws, 1, 1, 1)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    sigmas = torch.sigmoid(torch.randn(len(latents), generator=generator)).to(latents)
+    sigma = sigmas.view(-1, 1, 1, 1)
+    noisy_latents = sigma * noise + (1 - sigma) * latents
+    losses = {}
+    for name, (condition, is_null) in conditions.items():
+        null_condition_mask = torch.full((len(latents),), is_null, device=latents.device)
+        velocity = model.decoder(noisy_latents, sigmas, condition.repeat(num_draws, 1, 1), None, null_condition_mask)
+        losses[f"flow_loss_{name}"] = F.mse_loss(velocity.float(), noise - latents).item()
+    return losses
+
+
+def token_dependence_evaluation(images: torch.Tensor, num_draws: int = 4, seed: int = 0):
+    """`model -> logs` for [`~flextok_hf.training.train`]'s `evaluate`: [`token_dependence`] on `images`
+    `[B, 3, H, W]` in [-1, 1] (B >= 2), on fixed noise, so that successive entries differ only by the weights."""
+    if images.ndim != 4 or len(images) < 2:
+        raise ValueError(f"token dependence needs at least 2 images [B, 3, H, W], got {tuple(images.shape)}.")
+
+    def evaluate(model: FlexTokModel) -> dict[str, float]:
+        with torch.no_grad():
+            latents = model.encode_latents(images)
+        return token_dependence(model, latents, num_draws, seed)
+
+    return evaluate

@@ -8,6 +8,7 @@ gradients, the AdamW moments and the EMA weights are all sharded (DTensors); che
 with `torch.distributed.checkpoint`, and the exported model is gathered whole on the main process.
 """
 
+import contextlib
 import copy
 import itertools
 import json
@@ -174,6 +175,7 @@ def train(
     collate_fn: Callable,
     export: Callable[[nn.Module, Path, dict[str, float]], None],
     data_stats: Any = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> TrainingResult:
     """Trains `model` for `config.max_train_steps` optimiser steps.
 
@@ -186,6 +188,8 @@ def train(
         export: `(whole model with the final (EMA) weights, folder, last logged metrics)`, called on the main
             process at the end; writes the model there with `save_pretrained` (and a model card).
         data_stats: an object with `as_dict()` (counts of skipped images), logged with the losses.
+        evaluate: `(unwrapped model) -> metrics`, run without gradients on every process at each logging step and
+            logged with the losses; it must use no global random state (resumed runs stay exact).
 
     Returns:
         [`TrainingResult`].
@@ -262,6 +266,9 @@ def train(
             last_logs["lr"] = lr_scheduler.get_last_lr()[0]
             if data_stats is not None:
                 last_logs.update(data_stats.as_dict())
+            if evaluate is not None:
+                with torch.no_grad(), parameters_gathered(accelerator, model):
+                    last_logs.update(evaluate(accelerator.unwrap_model(model)))
             accelerator.log(last_logs, step=step)
             if accelerator.is_main_process:
                 with open(output_dir / LOG_FILE, "a") as log_file:
@@ -351,6 +358,22 @@ def optimizer_step(config, accelerator, model, optimizer, lr_scheduler, compute_
     if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards, replicated on every process
         grad_norm = grad_norm.full_tensor()
     return {"loss": loss.detach(), **logs, "grad_norm": grad_norm}
+
+
+@contextlib.contextmanager
+def parameters_gathered(accelerator: Accelerator, model: nn.Module):
+    """Lets code call the model's submodules directly (an evaluation), not only `model(...)`. Under FSDP that skips
+    the root's hooks: its parameters are gathered here instead (the blocks gather their own), in the compute dtype,
+    so inputs are autocast to it."""
+    if not uses_fsdp(accelerator):
+        yield
+        return
+    model.unshard()
+    try:
+        with accelerator.autocast():
+            yield
+    finally:
+        model.reshard()
 
 
 def gather_objects(accelerator: Accelerator, value: Any) -> list[Any]:
