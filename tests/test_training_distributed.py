@@ -12,6 +12,7 @@ import socket
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from flextok_hf import FlexTokModel
 from flextok_hf.training.checkpointing import load_checkpoint
+from flextok_hf.training.trainer import stream_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "training" / "configs"
@@ -103,6 +105,13 @@ def test_fsdp_trains_the_tokenizer_and_exports_the_gathered_model(image_folder, 
     assert model_keys == set(exported)
     assert ema and all(torch.equal(exported[name], weight) for name, weight in ema.items())  # the gathered EMA
     assert model.encode(torch.rand(2, 3, 32, 32) * 2 - 1).shape == (2, 8)
+
+
+def test_data_streams_are_shared_out_among_the_processes():
+    assert list(stream_indices(SimpleNamespace(num_processes=2, process_index=1), 4)) == [1, 3]
+    assert list(stream_indices(SimpleNamespace(num_processes=1, process_index=0), 2)) == [0, 1]
+    with pytest.raises(ValueError, match="divides 2, not 3"):
+        stream_indices(SimpleNamespace(num_processes=3, process_index=0), 2)
 
 
 AR_CONFIG = str(CONFIGS / "ar_tiny_cpu.yaml")
