@@ -106,7 +106,10 @@ def load_checkpoint(
             "(FSDP checkpoints resume under FSDP on any number of processes, others without FSDP)."
         )
     if ema_weights is not None and not (checkpoint / EMA_WEIGHTS_NAME).is_dir():
-        raise ValueError(f"{checkpoint} holds no EMA weights: it was written with use_ema false.")
+        raise ValueError(
+            f"{checkpoint} holds no EMA weights ({EMA_WEIGHTS_NAME}/): it was written with use_ema false, or by a "
+            "version of the trainer that kept them elsewhere."
+        )
     accelerator.load_state(str(checkpoint))
     if ema_weights is not None:
         with quiet_single_process_warning():
