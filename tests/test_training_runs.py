@@ -156,7 +156,7 @@ def test_two_processes_train_as_one_ddp_job(image_folder, tmp_path):
     checkpoint = output_dir / "checkpoint-6"
     assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert len(json.loads((checkpoint / "trainer_state.json").read_text())["data_state"]) == 2
-    keys = [(output_dir / f"example_keys_rank{rank}.txt").read_text().split() for rank in (0, 1)]
+    keys = [(output_dir / f"example_keys_stream{rank}.txt").read_text().split() for rank in (0, 1)]
     assert len(keys[0]) == len(keys[1]) == 6 * 4
     for step in range(6):  # a batch of 4 is a whole pass over a rank's half of the 8 images (shards reordered)
         halves = [set(rank_keys[4 * step : 4 * step + 4]) for rank_keys in keys]
@@ -238,7 +238,7 @@ def test_mirrored_ids_are_chosen_anew_in_each_pass(synthetic_token_data):
     from flextok_hf.training.ar import ARTrainingConfig, build_token_stream
 
     rows = {row["key"]: row for row in shard_rows(synthetic_token_data)}
-    stream, _ = build_token_stream(ARTrainingConfig(token_data=str(synthetic_token_data)), rank=0, world_size=1)
+    stream = build_token_stream(ARTrainingConfig(token_data=str(synthetic_token_data)), rank=0, world_size=1)
 
     def mirrored(epoch: int) -> dict[str, bool]:
         stream.set_epoch(epoch)

@@ -7,7 +7,13 @@ With `--export_pipeline true` the exported folder is a whole `FlexTokPipeline` (
 and the text encoder for text-conditional models), loadable with `FlexTokPipeline.from_pretrained`.
 """
 
-from flextok_hf.training.ar import ARTrainingConfig, ar_loss_function, build_ar_model, build_token_stream
+from flextok_hf.training.ar import (
+    ARTrainingConfig,
+    ar_loss_function,
+    build_ar_model,
+    build_token_stream,
+    collate_tokens,
+)
 from flextok_hf.training.config import parse_config
 from flextok_hf.training.hub import export_generator
 from flextok_hf.training.trainer import build_accelerator, train
@@ -17,14 +23,13 @@ def main(argv=None):
     config = parse_config(ARTrainingConfig, argv)
     accelerator = build_accelerator(config)
     model = build_ar_model(config)
-    dataset, collate_fn = build_token_stream(config, accelerator.process_index, accelerator.num_processes)
     return train(
         config,
         accelerator,
         model,
         ar_loss_function(config, model.config, accelerator.device),
-        dataset,
-        collate_fn,
+        lambda index, count: build_token_stream(config, index, count),
+        collate_tokens,
         export=lambda model, folder, metrics: export_generator(model, folder, config, metrics),
     )
 

@@ -9,7 +9,7 @@ Every setting of `TokenizerTrainingConfig` can be given in the YAML file or over
 import itertools
 
 from flextok_hf.training.config import parse_config
-from flextok_hf.training.data import build_training_stream
+from flextok_hf.training.data import SkipCounter, build_training_stream, collate_images
 from flextok_hf.training.hub import export_model
 from flextok_hf.training.tokenizer import (
     TokenizerTrainingConfig,
@@ -24,21 +24,19 @@ def main(argv=None):
     config = parse_config(TokenizerTrainingConfig, argv)
     accelerator = build_accelerator(config)
     model, vision = build_tokenizer(config)
-    dataset, collate_fn, data_stats = build_training_stream(
-        config, accelerator.process_index, accelerator.num_processes
-    )
+    data_stats = SkipCounter()
     evaluate = None
     if config.token_dependence_images:  # the same first images of the stream on every process
-        probe, _, _ = build_training_stream(config, rank=0, world_size=1)
-        images = collate_fn(list(itertools.islice(probe, config.token_dependence_images)))["pixel_values"]
+        probe = build_training_stream(config, rank=0, world_size=1)
+        images = collate_images(list(itertools.islice(probe, config.token_dependence_images)))["pixel_values"]
         evaluate = token_dependence_evaluation(images)
     return train(
         config,
         accelerator,
         model,
         tokenizer_loss_function(vision, accelerator.device),
-        dataset,
-        collate_fn,
+        lambda index, count: build_training_stream(config, index, count, data_stats),
+        collate_images,
         export=lambda model, folder, metrics: export_model(model, folder, config, metrics),
         data_stats=data_stats,
         evaluate=evaluate,

@@ -10,7 +10,7 @@ The exported folder (`<output_dir>/model`) loads with `AutoencoderKL.from_pretra
 import itertools
 
 from flextok_hf.training.config import parse_config
-from flextok_hf.training.data import build_training_stream
+from flextok_hf.training.data import SkipCounter, build_training_stream, collate_images
 from flextok_hf.training.hub import export_model
 from flextok_hf.training.trainer import build_accelerator, train
 from flextok_hf.training.vae import VAETrainingConfig, build_vae, latent_scaling_factor, vae_loss_function
@@ -22,18 +22,23 @@ def main(argv=None):
     config = parse_config(VAETrainingConfig, argv)
     accelerator = build_accelerator(config)
     model = build_vae(config)
-    dataset, collate_fn, data_stats = build_training_stream(
-        config, accelerator.process_index, accelerator.num_processes
-    )
+    data_stats = SkipCounter()
 
     def export(model, folder, metrics):
-        calibration, _, _ = build_training_stream(config, rank=0, world_size=1)
-        images = collate_fn(list(itertools.islice(calibration, CALIBRATION_IMAGES)))["pixel_values"]
+        calibration = build_training_stream(config, rank=0, world_size=1)
+        images = collate_images(list(itertools.islice(calibration, CALIBRATION_IMAGES)))["pixel_values"]
         model.vae.register_to_config(scaling_factor=latent_scaling_factor(model.vae, images))
         export_model(model.vae, folder, config, metrics)
 
     return train(
-        config, accelerator, model, vae_loss_function(accelerator.device), dataset, collate_fn, export, data_stats
+        config,
+        accelerator,
+        model,
+        vae_loss_function(accelerator.device),
+        lambda index, count: build_training_stream(config, index, count, data_stats),
+        collate_images,
+        export,
+        data_stats,
     )
 
 

@@ -566,6 +566,11 @@ class FlexTokModel(FlexTokPreTrainedModel):
                 checkpoint.check_weights()
             raise
 
+    def get_input_embeddings(self) -> nn.Linear:
+        """The encoder's patch embedding, the layer that turns the input into tokens (what transformers' vision models
+        return here). accelerate's FSDP asks every model for it."""
+        return self.encoder.patch_embed
+
     # ----------------------------------------------------------------------------------------- input checks
 
     def check_image_shape(self, images: torch.Tensor):

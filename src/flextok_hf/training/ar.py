@@ -56,9 +56,9 @@ def build_ar_model(config: ARTrainingConfig) -> FlexTokARModel:
 
 
 def build_token_stream(config: ARTrainingConfig, rank: int, world_size: int):
-    """This rank's share of the pre-tokenised shards as a resumable stream, and its collate function.
-    With `use_flipped_tokens`, an example's mirrored ids replace its ids in half of the passes, drawn from the seed,
-    the pass (`set_epoch`) and the example's key, so that a resumed run draws the same."""
+    """Part `rank` of `world_size` of the pre-tokenised shards, as a resumable stream (examples for
+    [`collate_tokens`]). With `use_flipped_tokens`, an example's mirrored ids replace its ids in half of the passes,
+    drawn from the seed, the pass (`set_epoch`) and the example's key, so that a resumed run draws the same."""
     files = sorted(str(p) for p in Path(config.token_data).glob("shard-*.parquet"))
     if not files:
         raise ValueError(f"No shard-*.parquet files in {config.token_data}: run training/pretokenize.py first.")
@@ -73,16 +73,21 @@ def build_token_stream(config: ARTrainingConfig, rank: int, world_size: int):
 
         dataset = dataset.map(choose_orientation, remove_columns=["token_ids_flipped"])
     stream = dataset
+    return stream
 
-    def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = {"input_ids": torch.tensor([example["token_ids"] for example in examples], dtype=torch.long)}
-        if "label" in examples[0]:
-            batch["class_labels"] = torch.tensor([example["label"] for example in examples], dtype=torch.long)
-        if "caption" in examples[0]:
-            batch["captions"] = [example["caption"] for example in examples]
-        return batch
 
-    return stream, collate
+def collate_tokens(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Token examples -> `input_ids` `[B, N]`, `keys`, and `class_labels` `[B]` or `captions` when the shards have
+    them."""
+    batch = {
+        "input_ids": torch.tensor([example["token_ids"] for example in examples], dtype=torch.long),
+        "keys": [example["key"] for example in examples],
+    }
+    if "label" in examples[0]:
+        batch["class_labels"] = torch.tensor([example["label"] for example in examples], dtype=torch.long)
+    if "caption" in examples[0]:
+        batch["captions"] = [example["caption"] for example in examples]
+    return batch
 
 
 def ar_loss_function(config: ARTrainingConfig, model_config: FlexTokARConfig, device: torch.device):

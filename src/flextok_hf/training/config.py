@@ -33,7 +33,8 @@ class TrainingConfig:
     min_image_size: int = 0
     shuffle_buffer_size: int = 0
     dataloader_num_workers: int = 0
-    # Writes the key of every example trained on to output_dir/example_keys_rank<r>.txt (an audit of the data).
+    # Writes the key of every example trained on to output_dir/example_keys_stream<i>.txt, one file per data stream
+    # (one stream per process of the run's first launch): an audit of the data.
     record_example_keys: bool = False
     # Optimisation.
     train_batch_size: int = 8
@@ -47,8 +48,9 @@ class TrainingConfig:
     adam_weight_decay: float = 0.05
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    # Speed and memory.
-    mixed_precision: str = "no"
+    # Speed and memory. mixed_precision null: what `accelerate launch` says (its --mixed_precision or config file),
+    # else "no".
+    mixed_precision: str | None = None
     gradient_checkpointing: bool = False
     compile: bool = False
     cpu: bool = False
@@ -72,8 +74,8 @@ class TrainingConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16', 'bf16' or null, got {self.mixed_precision!r}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (e.g. 'your-name/flextok-d12-d12').")
 

@@ -202,13 +202,12 @@ def collated_batches(examples, batch_size: int):
         yield collate_images(chunk)
 
 
-def build_training_stream(config, rank: int, world_size: int):
-    """This rank's training images for a [`~flextok_hf.training.config.TrainingConfig`]: returns the dataset, its
-    collate function and the [`SkipCounter`] that the training loop logs."""
+def build_training_stream(config, rank: int, world_size: int, stats: SkipCounter | None = None) -> IterableDataset:
+    """Part `rank` of `world_size` of the training images of a [`~flextok_hf.training.config.TrainingConfig`]
+    (examples for [`collate_images`]); skipped images are counted in `stats`."""
     if config.train_data is None:
         raise ValueError("train_data must name the training images (a folder, a .tar/.parquet glob or a Hub name).")
-    stats = SkipCounter()
-    dataset = build_image_stream(
+    return build_image_stream(
         config.train_data,
         split=config.dataset_split,
         resolution=config.resolution,
@@ -225,4 +224,3 @@ def build_training_stream(config, rank: int, world_size: int):
         world_size=world_size,
         stats=stats,
     )
-    return dataset, collate_images, stats

@@ -1,9 +1,16 @@
 """The training loop every stage shares, on accelerate: one process, DDP or FSDP from the same code.
 
-A stage supplies the model, a loss function and a data stream; this module does the rest (optimiser and schedule,
+A stage supplies the model, a loss function and its data; this module does the rest (optimiser and schedule,
 mixed precision, gradient accumulation and clipping, EMA, checkpoints and resume, trackers, progress bar, export).
+
+Under FSDP (`accelerate launch --config_file training/configs/accelerate_fsdp_2gpu.yaml`) the parameters, their
+gradients, the AdamW moments and the EMA weights are all sharded (DTensors); checkpoints are written shard by shard
+with `torch.distributed.checkpoint`, and the exported model is gathered whole on the main process.
 """
 
+import contextlib
+import copy
+import itertools
 import json
 import os
 import shutil
@@ -15,15 +22,16 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 
-from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpointing import load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint
 from .config import TrainingConfig, save_config
 
 logger = get_logger(__name__)
@@ -45,16 +53,30 @@ class TrainingResult:
 
 
 def build_accelerator(config: TrainingConfig) -> Accelerator:
+    """The run's `Accelerator`; DDP or FSDP and their settings come from `accelerate launch` (its config file)."""
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         cpu=config.cpu,
         log_with=config.report_to,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
+        # The schedule counts optimiser steps (see `optimizer_step`), not optimiser steps x processes as accelerate
+        # would: a checkpoint then resumes with the same learning rate on any number of processes.
+        step_scheduler_with_optimizer=False,
     )
+    fsdp_recomputes = uses_fsdp(accelerator) and accelerator.state.fsdp_plugin.activation_checkpointing
+    if fsdp_recomputes and config.gradient_checkpointing:
+        raise ValueError(
+            "gradient_checkpointing and the launch config's fsdp_activation_checkpointing both recompute every block "
+            "in the backward pass: turn one of them off."
+        )
     # Each rank draws its own noise and augmentations; resume restores every rank's generators.
     set_seed(config.seed, device_specific=True)
     return accelerator
+
+
+def uses_fsdp(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -108,6 +130,27 @@ class BatchStream:
         self.resumed = True
 
 
+def stream_indices(accelerator: Accelerator, num_streams: int) -> range:
+    """The data streams this process reads.
+
+    A run splits its data into one stream per process of its first launch, and keeps that split when resumed: each
+    process then reads every `num_processes`-th stream, in turn, from where the checkpoint left it. So a checkpoint
+    of a 2-process run resumes on 1 process (reading both streams) or on 2, with no example repeated or skipped.
+    """
+    if num_streams % accelerator.num_processes:
+        raise ValueError(
+            f"The checkpoint reads its data as {num_streams} streams (one per process of the run that started it); "
+            f"resume it on a number of processes that divides {num_streams}, not {accelerator.num_processes}."
+        )
+    return range(accelerator.process_index, num_streams, accelerator.num_processes)
+
+
+def in_turn(iterators: list[Iterator[dict[str, Any]]], start: int) -> Iterator[dict[str, Any]]:
+    """One batch from each iterator in turn, beginning with iterator `start % len(iterators)`."""
+    for count in itertools.count(start):
+        yield next(iterators[count % len(iterators)])
+
+
 def keep_log_until(path: Path, step: int):
     """Drops the entries after `step` from a run's log: a fresh run starts it anew, a resumed one continues it."""
     if path.exists():
@@ -128,19 +171,21 @@ def train(
     accelerator: Accelerator,
     model: nn.Module,
     compute_loss: LossFunction,
-    dataset: IterableDataset,
+    data_part: Callable[[int, int], IterableDataset],
     collate_fn: Callable,
     export: Callable[[nn.Module, Path, dict[str, float]], None],
     data_stats: Any = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> TrainingResult:
-    """Trains `model` on `dataset` for `config.max_train_steps` optimiser steps.
+    """Trains `model` for `config.max_train_steps` optimiser steps.
 
     Args:
         compute_loss: `(model, batch) -> (loss, logs)`; the batch is what `collate_fn` returns, still on the CPU.
-        dataset: this rank's share of the stream (`datasets.distributed.split_dataset_by_node`); a `datasets`
-            stream's position is saved with every checkpoint and restored on resume (see [`BatchStream`]).
-        export: `(unwrapped model with the final (EMA) weights, folder, last logged metrics)`, called on the main
+        data_part: `(index, count) -> stream`: the `index`-th of `count` disjoint parts of the training data
+            (`datasets.distributed.split_dataset_by_node`). Each process reads its own parts (see
+            [`stream_indices`]); a `datasets` stream's position is saved with every checkpoint and restored on resume
+            (see [`BatchStream`]).
+        export: `(whole model with the final (EMA) weights, folder, last logged metrics)`, called on the main
             process at the end; writes the model there with `save_pretrained` (and a model card).
         data_stats: an object with `as_dict()` (counts of skipped images), logged with the losses.
         evaluate: `(unwrapped model) -> metrics`, run without gradients on every process at each logging step and
@@ -153,23 +198,38 @@ def train(
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "training_config.json")
+    # Under FSDP the model is sharded in place; the export loads the gathered weights into this weightless copy.
+    export_frame = weightless_copy(model) if uses_fsdp(accelerator) and accelerator.is_main_process else None
+    parameter_names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
     model, optimizer, lr_scheduler, ema = prepare_training(config, accelerator, model)
     parameters = trainable_parameters(model)
+    ema_weights = dict(zip(parameter_names, ema.shadow_params, strict=True)) if ema is not None else None
 
-    stream = BatchStream(dataset, config, collate_fn)
     step = 0
     checkpoint = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
+    trainer_state = read_trainer_state(checkpoint) if checkpoint is not None else None
+    num_streams = len(trainer_state["data_state"]) if trainer_state else accelerator.num_processes
+    streams = {
+        index: BatchStream(data_part(index, num_streams), config, collate_fn)
+        for index in stream_indices(accelerator, num_streams)
+    }
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        step = state["step"]
-        stream.load_state_dict(state["data_state"][accelerator.process_index])
+        load_checkpoint(accelerator, checkpoint, ema_weights)
+        step = trainer_state["step"]
+        # accelerate restores its count of micro-batches, which decides when accumulated gradients are applied:
+        # recount them with this run's gradient_accumulation_steps (it may change, e.g. to keep the global batch).
+        accelerator.step = step * config.gradient_accumulation_steps
+        if ema is not None:
+            ema.optimization_step = step
+        for index, stream in streams.items():
+            stream.load_state_dict(trainer_state["data_state"][index])
         logger.info(f"Resumed from {checkpoint} at step {step}")
 
     if accelerator.is_main_process:
         keep_log_until(output_dir / LOG_FILE, step)
     if accelerator.is_main_process and config.report_to:
         accelerator.init_trackers(config.tracker_project_name, config={k: str(v) for k, v in config.to_dict().items()})
-    num_parameters = sum(p.numel() for p in parameters)
+    num_parameters = sum(p.numel() for p in parameters)  # a DTensor's numel is that of the whole tensor
     logger.info(
         f"Training {num_parameters / 1e6:.2f}M parameters for {config.max_train_steps} steps, "
         f"global batch {config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes}"
@@ -177,9 +237,13 @@ def train(
     progress = tqdm(
         total=config.max_train_steps, initial=step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    batches = iter(stream)
+    iterators = [iter(stream) for stream in streams.values()]
     if config.record_example_keys:
-        batches = recording_keys(batches, output_dir / f"example_keys_rank{accelerator.process_index}.txt")
+        iterators = [
+            recording_keys(iterator, output_dir / f"example_keys_stream{index}.txt")
+            for index, iterator in zip(streams, iterators, strict=True)
+        ]
+    batches = in_turn(iterators, start=step * config.gradient_accumulation_steps)
     last_logs: dict[str, float] = {}
     running: dict[str, torch.Tensor] = {}  # sums since the last log, kept on the device (no sync per step)
     steps_since_log = 0
@@ -203,7 +267,7 @@ def train(
             if data_stats is not None:
                 last_logs.update(data_stats.as_dict())
             if evaluate is not None:
-                with torch.no_grad():
+                with torch.no_grad(), parameters_gathered(accelerator, model):
                     last_logs.update(evaluate(accelerator.unwrap_model(model)))
             accelerator.log(last_logs, step=step)
             if accelerator.is_main_process:
@@ -211,29 +275,32 @@ def train(
                     log_file.write(json.dumps({"step": step, **last_logs}) + "\n")
             progress.set_postfix(loss=f"{last_logs['loss']:.4f}")
         if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
+            data_state = gather_stream_states(accelerator, streams)
             save_checkpoint(
-                accelerator,
-                output_dir,
-                step,
-                {"data_state": gather_objects(accelerator, stream.state_dict())},
-                config.checkpoints_total_limit,
+                accelerator, output_dir, step, {"data_state": data_state}, config.checkpoints_total_limit, ema_weights
             )
     progress.close()
 
     model_dir = None
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
     if ema is not None:
-        ema.copy_to(trainable_parameters(unwrapped))
+        with torch.no_grad():  # not `ema.copy_to`: its torch._foreach_copy_ takes no DTensors (FSDP)
+            for parameter, weight in zip(parameters, ema.shadow_params, strict=True):
+                parameter.copy_(weight)
+    final_model = whole_model(accelerator, model, export_frame)
     if accelerator.is_main_process:
-        model_dir = export_atomically(output_dir / "model", lambda folder: export(unwrapped, folder, last_logs))
+        model_dir = export_atomically(output_dir / "model", lambda folder: export(final_model, folder, last_logs))
     accelerator.end_training()
     return TrainingResult(model_dir=model_dir, step=step, last_logs=last_logs)
 
 
 def prepare_training(config: TrainingConfig, accelerator: Accelerator, model: nn.Module):
     """AdamW over the trainable parameters, the warm-up + decay schedule, `torch.compile` if asked, accelerate's
-    wrapping (device, precision, DDP/FSDP) and the EMA weights. Returns `(model, optimizer, lr_scheduler, ema)`."""
+    wrapping (device, precision, DDP/FSDP) and the EMA weights. Returns `(model, optimizer, lr_scheduler, ema)`.
+
+    Under FSDP every block class the model names in `_no_split_modules` is its own shard unit (unless the launch
+    config names `fsdp_transformer_layer_cls_to_wrap`), and the EMA weights are DTensors sharded like the parameters.
+    """
     parameters = trainable_parameters(model)
     if not parameters:
         raise ValueError("The model has no trainable parameters: check the freeze options.")
@@ -245,13 +312,14 @@ def prepare_training(config: TrainingConfig, accelerator: Accelerator, model: nn
         eps=config.adam_epsilon,
         fused=accelerator.device.type == "cuda",
     )
-    # accelerate steps a prepared scheduler once per process for every optimiser step, as in diffusers' examples.
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,
-        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=config.max_train_steps * accelerator.num_processes,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_train_steps,
     )
+    if uses_fsdp(accelerator) and accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap is None:
+        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = block_class_names(model)
     if config.compile:
         model.compile()
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
@@ -261,8 +329,16 @@ def prepare_training(config: TrainingConfig, accelerator: Accelerator, model: nn
             trainable_parameters(model), decay=config.ema_decay, use_ema_warmup=config.ema_warmup, foreach=True
         )
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     return model, optimizer, lr_scheduler, ema
+
+
+def block_class_names(model: nn.Module) -> list[str]:
+    """The block classes that the model and its submodules name in `_no_split_modules` and that it contains
+    (transformers merges in the names of submodules' classes, such as the VAE's, even when absent)."""
+    named = set()
+    for module in model.modules():
+        named.update(getattr(module, "_no_split_modules", None) or ())
+    return sorted(named & {type(module).__name__ for module in model.modules()})
 
 
 def optimizer_step(config, accelerator, model, optimizer, lr_scheduler, compute_loss, stream) -> dict[str, Any]:
@@ -276,14 +352,64 @@ def optimizer_step(config, accelerator, model, optimizer, lr_scheduler, compute_
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
-            lr_scheduler.step()
+            if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+    if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards, replicated on every process
+        grad_norm = grad_norm.full_tensor()
     return {"loss": loss.detach(), **logs, "grad_norm": grad_norm}
 
 
+@contextlib.contextmanager
+def parameters_gathered(accelerator: Accelerator, model: nn.Module):
+    """Lets code call the model's submodules directly (an evaluation), not only `model(...)`. Under FSDP that skips
+    the root's hooks: its parameters are gathered here instead (the blocks gather their own), in the compute dtype,
+    so inputs are autocast to it."""
+    if not uses_fsdp(accelerator):
+        yield
+        return
+    model.unshard()
+    try:
+        with accelerator.autocast():
+            yield
+    finally:
+        model.reshard()
+
+
 def gather_objects(accelerator: Accelerator, value: Any) -> list[Any]:
-    """One entry per rank (every rank's stream position goes into the checkpoint)."""
+    """One entry per rank."""
     return [value] if accelerator.num_processes == 1 else gather_object([value])
+
+
+def gather_stream_states(accelerator: Accelerator, streams: dict[int, BatchStream]) -> list[dict[str, Any]]:
+    """Every stream's position, from all processes, in stream order: what the checkpoint keeps."""
+    states = {}
+    for process_states in gather_objects(accelerator, {index: s.state_dict() for index, s in streams.items()}):
+        states.update(process_states)
+    return [states[index] for index in sorted(states)]
+
+
+def weightless_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and saved buffers are on the meta device (no memory), ready for
+    `load_state_dict(..., assign=True)`; buffers outside the state dict are copied."""
+    memo = {id(p): nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in model.parameters()}
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                memo[id(buffer)] = buffer.to("meta")
+    return copy.deepcopy(model, memo)
+
+
+def whole_model(accelerator: Accelerator, model: nn.Module, export_frame: nn.Module | None) -> nn.Module | None:
+    """The trained model, whole, for export on the main process. Under FSDP every process takes part in gathering
+    the shards; the main process loads them into `export_frame` (on the CPU), the others get `None`."""
+    if not uses_fsdp(accelerator):
+        return accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    export_frame.load_state_dict(state_dict, assign=True)
+    return export_frame
 
 
 def export_atomically(folder: Path, write: Callable[[Path], None]) -> Path:
