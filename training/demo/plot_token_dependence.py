@@ -21,7 +21,7 @@ from flextok_hf.training.tokenizer import token_dependence
 
 CONDITIONS = {
     "flow_loss_true_tokens": "own tokens",
-    "flow_loss_shuffled_tokens": "another image's tokens",
+    "flow_loss_shuffled_tokens": "shuffled tokens",
     "flow_loss_null_condition": "null condition",
 }
 
@@ -54,7 +54,8 @@ def main(argv=None):
     curves.set(xlabel="training step", ylabel="flow loss", title="training images, fixed noise", yscale="log")
     curves.legend()
     curves.grid(alpha=0.3)
-    bars.bar(list(CONDITIONS.values()), [held_out[key] for key in CONDITIONS], color=["C0", "C1", "C2"])
+    drawn = bars.bar(list(CONDITIONS.values()), [held_out[key] for key in CONDITIONS], color=["C0", "C1", "C2"])
+    bars.bar_label(drawn, fmt="%.3f")
     bars.set(ylabel="flow loss", title=f"{len(images)} held-out images, final model")
     figure.tight_layout()
     args.output_dir.mkdir(parents=True, exist_ok=True)
