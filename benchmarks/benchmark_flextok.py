@@ -7,9 +7,9 @@
 Parts (each builds its own models, so each can run alone; `--output` merges the rows of several runs):
 - `tokenizer`: d18-d28 (shared/reference/SPEC.md section 5: 256x256 images, batch 64, all 256 tokens, APG 7.5).
   Encode = VAE + encoder + FSQ. One decoder step (cond + uncond rows) = (detokenize with `--steps` steps - with 1
-  step) / (steps - 1), for ours eager, ours with the VAE encoder, encoder and decoder compiled (`--cudnn-attention`:
-  also with cuDNN attention first), and the reference (bf16 autocast, its own compiled FlexAttention path).
-  MFU = the step's FLOPs (`torch.utils.flop_counter`) / time / bf16 peak.
+  step) / (steps - 1), for ours eager, ours with the VAE encoder, encoder and decoder compiled, and the reference
+  (bf16 autocast, its own compiled FlexAttention path). MFU = the step's FLOPs (`torch.utils.flop_counter`) / time
+  / bf16 peak.
 - `ar`: `FlexTokARModel.generate_tokens` at the paper's largest AR size (hidden 2048, 24 layers, 16 heads,
   intermediate 5632, 64000 ids), class-conditional, CFG 4, top-k 1000, 256 tokens; eager and compiled
   (`compile_generation`), batch 64 and 1. "first call" is the first call at that batch size after a warm-up at
@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 from benchmark_training import peak_flops
 from diffusers import FlowMatchEulerDiscreteScheduler
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from flextok_hf import FlexTokARConfig, FlexTokARModel, FlexTokModel, FlexTokPipeline
@@ -93,7 +92,6 @@ def measure_tokenizer(
     steps: int,
     reference_src: str | None,
     compile_mode: str | None = None,
-    cudnn_attention: bool = False,
 ):
     config, _ = parse_reference_config(nodes)
 
@@ -118,7 +116,7 @@ def measure_tokenizer(
             )
         )
 
-    def add_ours(compiled, attention=None):
+    def add_ours(compiled):
         release_memory()
         torch.manual_seed(0)
         with torch.device("cuda"):
@@ -129,16 +127,10 @@ def measure_tokenizer(
             model.vae.encoder.compile(mode=compile_mode)
             model.encoder.compile(mode=compile_mode)
             model.decoder.compile(mode=compile_mode)
-        settings = [compile_mode, attention and f"{attention} attention"]
         name = "flextok-hf, compiled" if compiled else "flextok-hf"
-        if any(settings):
-            name += f" ({', '.join(filter(None, settings))})"
-        # Attention kernels are picked when the graph is traced, so the backend order holds for warm-up and timing.
-        backends = contextlib.nullcontext()
-        if attention == "cudnn":
-            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-            backends = sdpa_kernel([*order, SDPBackend.MATH], set_priority=True)
-        with torch.no_grad(), backends:
+        if compile_mode:
+            name += f" ({compile_mode})"
+        with torch.no_grad():
             add(
                 name,
                 lambda: model.encode(images),
@@ -167,8 +159,6 @@ def measure_tokenizer(
     if not compile_mode:
         add_ours(compiled=False)
     add_ours(compiled=True)
-    if cudnn_attention:
-        add_ours(compiled=True, attention="cudnn")
 
 
 def new_ar_model() -> FlexTokARModel:
@@ -302,9 +292,6 @@ def main():
     parser.add_argument("--ceiling", help="path of shared/reference/ar_ceiling.py")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="tokenizer config in the released (reference) format")
     parser.add_argument("--compile-mode", help="torch.compile mode of the compiled tokenizer (e.g. max-autotune)")
-    parser.add_argument(
-        "--cudnn-attention", action="store_true", help="also the compiled tokenizer with cuDNN attention first"
-    )
     parser.add_argument("--output", help="JSON file to write; rows of an existing file are kept unless re-measured")
     args = parser.parse_args()
 
@@ -333,9 +320,7 @@ def main():
 
     if "tokenizer" in args.parts:
         images = torch.rand(args.batch, 3, 256, 256, device="cuda") * 2 - 1
-        measure_tokenizer(
-            record, nodes, images, args.steps, args.reference_src, args.compile_mode, args.cudnn_attention
-        )
+        measure_tokenizer(record, nodes, images, args.steps, args.reference_src, args.compile_mode)
     if "ar" in args.parts:
         measure_ar(record)
     if "ceiling" in args.parts:
