@@ -44,6 +44,21 @@ def test_bad_configs_are_refused(argv, message):
         parse_config(TokenizerTrainingConfig, argv)
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "Set one of token_data"),
+        (["--token_data", "tokens", "--train_data", "images"], "Set one of token_data"),
+        (["--train_data", "images"], "needs tokenizer_name_or_path"),
+    ],
+)
+def test_ar_configs_need_one_data_source(argv, message):
+    from flextok_hf.training.ar import ARTrainingConfig
+
+    with pytest.raises(ValueError, match=message):
+        parse_config(ARTrainingConfig, argv)
+
+
 def test_checkpoints_are_atomic_limited_and_resumable(tmp_path):
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(3, 2)

@@ -282,6 +282,30 @@ def test_ar_training_memorises_tokens_and_exports_a_pipeline(synthetic_token_dat
     assert images.shape == (2, 3, 32, 32)
 
 
+def test_ar_training_tokenises_images_on_the_fly(token_data, tmp_path):
+    """With train_data instead of token_data the frozen tokenizer encodes each batch: the generator memorises the
+    tokenizer's ids of each class's image."""
+
+    from flextok_hf import FlexTokARModel
+
+    shards, tokenizer = token_data
+    images = shards.parent / "images"  # class<i>/<image>.png, as the fixture wrote them
+    argv = [
+        "--config", AR_CONFIG, "--token_data", "null", "--train_data", str(images), "--resolution", "32",
+        "--random_flip", "false", "--tokenizer_name_or_path", str(tokenizer), "--output_dir", str(tmp_path / "ar"),
+        "--max_train_steps", "150", "--logging_steps", "50", "--train_batch_size", "8",
+        "--model", f"{{{TINY_AR_MODEL}, num_classes: 8, class_dropout_prob: 0.0}}",
+    ]  # fmt: skip
+    result = run_script("train_ar", argv)
+    losses = logged_losses(tmp_path / "ar")
+    assert losses[-1] < 0.2 * losses[0]
+
+    generator = FlexTokARModel.from_pretrained(result.model_dir)
+    generated = generator.generate_tokens(class_labels=torch.arange(8), num_tokens=8, do_sample=False)
+    # pretokenize.py's ids of the same images, through the same image pipeline (unflipped)
+    assert generated.tolist() == [row["token_ids"] for row in shard_rows(shards)]
+
+
 def test_text_conditional_ar_training_with_minilm(synthetic_token_data, token_data, tmp_path):
     """Captions go through all-MiniLM-L6-v2 on the fly; the exported pipeline carries the text encoder."""
     from flextok_hf import FlexTokPipeline

@@ -1,7 +1,10 @@
-"""Train a FlexTok autoregressive generator (stage 2) on pre-tokenised data.
+"""Train a FlexTok autoregressive generator (stage 2) on pre-tokenised data, or on images tokenised on the fly.
 
     python training/pretokenize.py --tokenizer path/to/flextok --train_data "shards/*.tar" --output_dir data/tokens
     accelerate launch training/train_ar.py --config training/configs/ar_d12_85m.yaml --token_data data/tokens
+    # or, tokenising every image at every pass (no pre-tokenised copy; the tokenizer runs beside the generator):
+    accelerate launch training/train_ar.py --config training/configs/ar_d12_85m.yaml --token_data null \
+        --train_data "shards/*.tar" --tokenizer_name_or_path path/to/flextok
 
 With `--export_pipeline true` the exported folder is a whole `FlexTokPipeline` (tokenizer + generator + scheduler,
 and the text encoder for text-conditional models), loadable with `FlexTokPipeline.from_pretrained`.
@@ -15,6 +18,7 @@ from flextok_hf.training.ar import (
     collate_tokens,
 )
 from flextok_hf.training.config import parse_config
+from flextok_hf.training.data import SkipCounter, build_training_stream, collate_images
 from flextok_hf.training.hub import export_generator
 from flextok_hf.training.trainer import build_accelerator, train
 
@@ -23,14 +27,23 @@ def main(argv=None):
     config = parse_config(ARTrainingConfig, argv)
     accelerator = build_accelerator(config)
     model = build_ar_model(config)
+    data_stats = SkipCounter()
+    if config.train_data is not None:
+        build_stream, collate = (
+            lambda index, count: build_training_stream(config, index, count, data_stats),
+            collate_images,
+        )
+    else:
+        build_stream, collate = lambda index, count: build_token_stream(config, index, count), collate_tokens
     return train(
         config,
         accelerator,
         model,
         ar_loss_function(config, model.config, accelerator.device),
-        lambda index, count: build_token_stream(config, index, count),
-        collate_tokens,
+        build_stream,
+        collate,
         export=lambda model, folder, metrics: export_generator(model, folder, config, metrics),
+        data_stats=data_stats,
     )
 
 

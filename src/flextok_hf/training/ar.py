@@ -11,19 +11,22 @@ from datasets.distributed import split_dataset_by_node
 from transformers import AutoModel, AutoTokenizer
 
 from ..configuration_flextok_ar import FlexTokARConfig
+from ..modeling_flextok import FlexTokModel
 from ..modeling_flextok_ar import FlexTokARModel
 from .config import TrainingConfig
 
 
 @dataclass
 class ARTrainingConfig(TrainingConfig):
-    """Train a FlexTok AR generator on pre-tokenised data (`training/pretokenize.py`).
+    """Train a FlexTok AR generator on pre-tokenised data (`training/pretokenize.py`) or on images.
 
-    `token_data` is the folder of parquet shards that pretokenize.py wrote. `model` holds `FlexTokARConfig`
+    `token_data` is the folder of parquet shards that pretokenize.py wrote; instead, `train_data` names images (any
+    source of the tokenizer's training, with their labels or captions) that the frozen tokenizer
+    `tokenizer_name_or_path` tokenises on the fly, at `resolution`. `model` holds `FlexTokARConfig`
     arguments (its `vocab_size` must be the tokenizer's codebook size); `pretrained_model_name_or_path` resumes from
     a saved generator instead. A text-conditional model (`model.text_hidden_size` set) needs
     `text_encoder_name_or_path` (any transformers text encoder and its tokenizer) and captions in the data.
-    `tokenizer_name_or_path` names the FlexTok tokenizer for `export_pipeline`.
+    `tokenizer_name_or_path` names the FlexTok tokenizer of the tokens, for `export_pipeline` too.
     """
 
     model: dict[str, Any] = field(default_factory=dict)
@@ -39,8 +42,15 @@ class ARTrainingConfig(TrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.token_data is None:
-            raise ValueError("token_data must name the folder of parquet shards written by training/pretokenize.py.")
+        if (self.token_data is None) == (self.train_data is None):
+            raise ValueError(
+                "Set one of token_data (the folder of parquet shards written by training/pretokenize.py) or "
+                "train_data (images, tokenised on the fly by tokenizer_name_or_path)."
+            )
+        if self.train_data is not None and not self.tokenizer_name_or_path:
+            raise ValueError(
+                "train_data needs tokenizer_name_or_path, the FlexTok tokenizer that tokenises the images."
+            )
         if self.export_pipeline and not self.tokenizer_name_or_path:
             raise ValueError("export_pipeline needs tokenizer_name_or_path (the FlexTok tokenizer of the tokens).")
 
@@ -90,8 +100,23 @@ def collate_tokens(examples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def load_frozen_tokenizer(config: ARTrainingConfig, model_config: FlexTokARConfig, device) -> FlexTokModel:
+    """The tokenizer that tokenises `train_data` on the fly, frozen, in bf16 under bf16 mixed precision."""
+    dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+    tokenizer = FlexTokModel.from_pretrained(config.tokenizer_name_or_path, torch_dtype=dtype).to(device).eval()
+    if tokenizer.config.codebook_size != model_config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {tokenizer.config.codebook_size} token ids but the generator's vocab_size is "
+            f"{model_config.vocab_size}."
+        )
+    if config.resolution != tokenizer.config.image_size:
+        raise ValueError(f"resolution must be the tokenizer's image size, {tokenizer.config.image_size}.")
+    return tokenizer.requires_grad_(False)
+
+
 def ar_loss_function(config: ARTrainingConfig, model_config: FlexTokARConfig, device: torch.device):
-    """`(model, batch) -> (loss, logs)`; captions go through the frozen text encoder on the fly."""
+    """`(model, batch) -> (loss, logs)` on token batches ([`collate_tokens`]) or, with `train_data`, on image
+    batches (`collate_images`) tokenised here; captions go through the frozen text encoder on the fly."""
     text_encoder = tokenizer = None
     if model_config.is_text_conditional:
         if not config.text_encoder_name_or_path:
@@ -99,10 +124,17 @@ def ar_loss_function(config: ARTrainingConfig, model_config: FlexTokARConfig, de
         tokenizer = AutoTokenizer.from_pretrained(config.text_encoder_name_or_path)
         text_encoder = AutoModel.from_pretrained(config.text_encoder_name_or_path).to(device).eval()
         text_encoder.requires_grad_(False)
+    flextok = load_frozen_tokenizer(config, model_config, device) if config.train_data is not None else None
     num_tokens = model_config.max_position_embeddings
 
     def compute_loss(model, batch):
-        input_ids = batch["input_ids"][:, :num_tokens].to(device, non_blocking=True)
+        if flextok is not None:  # an image batch
+            with torch.no_grad():
+                input_ids = flextok.encode(batch["pixel_values"].to(device, flextok.dtype))
+            class_labels = batch.get("labels")
+        else:
+            input_ids, class_labels = batch["input_ids"], batch.get("class_labels")
+        input_ids = input_ids[:, :num_tokens].to(device, non_blocking=True)
         condition = {}
         if text_encoder is not None:
             text = tokenizer(
@@ -116,7 +148,9 @@ def ar_loss_function(config: ARTrainingConfig, model_config: FlexTokARConfig, de
                 condition["encoder_hidden_states"] = text_encoder(**text).last_hidden_state
             condition["encoder_attention_mask"] = text.attention_mask
         else:
-            condition["class_labels"] = batch["class_labels"].to(device, non_blocking=True)
+            if class_labels is None:
+                raise ValueError("A class-conditional model needs labels in the data (label_column, class folders).")
+            condition["class_labels"] = class_labels.to(device, non_blocking=True)
         output = model(input_ids=input_ids, labels=input_ids, **condition)
         return output.loss, {}
 
