@@ -176,10 +176,10 @@ def plot_curves(rows: list[dict], x: str, group_by: tuple[str, ...], path: Path,
         axis.set_xlabel(x)
         axis.set_title(metric)
         axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize="small")
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the panels, not on them
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
