@@ -27,21 +27,21 @@ def main(argv=None):
     config = parse_config(ARTrainingConfig, argv)
     accelerator = build_accelerator(config)
     model = build_ar_model(config)
+    on_the_fly = config.train_data is not None  # images, tokenised in the loss function
     data_stats = SkipCounter()
-    if config.train_data is not None:
-        build_stream, collate = (
-            lambda index, count: build_training_stream(config, index, count, data_stats),
-            collate_images,
-        )
-    else:
-        build_stream, collate = lambda index, count: build_token_stream(config, index, count), collate_tokens
+
+    def data_part(index, count):
+        if on_the_fly:
+            return build_training_stream(config, index, count, data_stats)
+        return build_token_stream(config, index, count)
+
     return train(
         config,
         accelerator,
         model,
         ar_loss_function(config, model.config, accelerator.device),
-        build_stream,
-        collate,
+        data_part,
+        collate_images if on_the_fly else collate_tokens,
         export=lambda model, folder, metrics: export_generator(model, folder, config, metrics),
         data_stats=data_stats,
     )
