@@ -1,12 +1,15 @@
 """Training throughput of both stages on one GPU, through the training scripts' own step (`prepare_training` +
 `optimizer_step`: accelerate, bf16 mixed precision, AdamW, clipping, EMA), with and without `torch.compile`.
 
-    python benchmarks/benchmark_training.py [--tokenizer-batch 32] [--ar-batch 64] [--steps 10] [--output FILE.json]
+    python benchmarks/benchmark_training.py [--tokenizer-batch 32] [--ar-batch 64] [--accumulation 1] [--steps 10] \
+        [--output FILE.json]
 
 Stage 1: FlexTok d18-d28 (released shape, VAE frozen, random images 256x256), images/s. Stage 2: the AR generator
 at the paper's largest size (hidden 2048, 24 layers, 64000 ids, 256 tokens), tokens/s. MFU = FLOPs of one
 training step, counted by `torch.utils.flop_counter` (forward and backward, frozen VAE included), over the
-measured time and the GPU's dense bf16 peak. Prints a table; writes the rows as JSON.
+measured time and the GPU's dense bf16 peak. A step is one optimiser step over `--accumulation` batches (gradient
+accumulation): the optimiser, clipping and EMA, which cost the same at any batch size, are paid once per step.
+Prints a table; writes the rows as JSON.
 """
 
 import argparse
@@ -58,11 +61,17 @@ def ar_case(batch: int):
     return "AR 1.3B (2048 x 24)", model, (tokens, labels), loss, batch * 256, "tokens/s"
 
 
-def measure(case, compile_model: bool, steps: int, flops: float | None) -> dict:
+def measure(case, compile_model: bool, steps: int, flops: float | None, accumulation: int = 1) -> dict:
     """One row; `flops` of a step is counted here when not given (eagerly: the counter sees no compiled kernels)."""
     name, model, batch, loss_fn, items_per_step, unit = case
-    config = TrainingConfig(mixed_precision="bf16", compile=compile_model, report_to=None, lr_warmup_steps=1)
-    accelerator = Accelerator(mixed_precision="bf16")
+    config = TrainingConfig(
+        mixed_precision="bf16",
+        compile=compile_model,
+        report_to=None,
+        lr_warmup_steps=1,
+        gradient_accumulation_steps=accumulation,
+    )
+    accelerator = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=accumulation)
     model, optimizer, lr_scheduler, ema = prepare_training(config, accelerator, model.train())
     stream = iter(lambda: batch, None)
     parameters = trainable_parameters(model)
@@ -90,9 +99,10 @@ def measure(case, compile_model: bool, steps: int, flops: float | None) -> dict:
     row = {
         "case": name,
         "compiled": compile_model,
+        "accumulation": accumulation,
         "step_s": step_s,
         "first_step_s": first_s,
-        "throughput": items_per_step / step_s,
+        "throughput": items_per_step * accumulation / step_s,
         "unit": unit,
         "tflops_per_step": flops / 1e12,
         "mfu": flops / step_s / peak_flops(),
@@ -106,6 +116,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer-batch", type=int, default=16)
     parser.add_argument("--ar-batch", type=int, default=32)
+    parser.add_argument("--accumulation", type=int, default=1, help="batches per optimiser step")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--stages", nargs="+", default=["tokenizer", "ar"], choices=["tokenizer", "ar"])
     parser.add_argument("--output", type=Path)
@@ -118,7 +129,7 @@ def main():
         for compile_model in (False, True):
             torch.manual_seed(0)
             case = tokenizer_case(args.tokenizer_batch) if stage == "tokenizer" else ar_case(args.ar_batch)
-            rows.append(measure(case, compile_model, args.steps, flops))
+            rows.append(measure(case, compile_model, args.steps, flops, args.accumulation))
             gc.collect()
             torch.cuda.empty_cache()
             flops = rows[-1]["tflops_per_step"] * 1e12
@@ -135,7 +146,8 @@ def main():
             "torch": torch.__version__,
             "date": date.today().isoformat(),
             "command": "python benchmarks/benchmark_training.py "
-            f"--tokenizer-batch {args.tokenizer_batch} --ar-batch {args.ar_batch} --steps {args.steps}",
+            f"--tokenizer-batch {args.tokenizer_batch} --ar-batch {args.ar_batch} --accumulation {args.accumulation} "
+            f"--steps {args.steps}",
             "rows": rows,
         }
         args.output.parent.mkdir(parents=True, exist_ok=True)
