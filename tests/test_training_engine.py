@@ -87,3 +87,25 @@ def test_checkpoints_are_atomic_limited_and_resumable(tmp_path):
     assert state == {"step": 3, "data_state": [{"position": 3}]}
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     assert json.loads((latest / "trainer_state.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"vocab_size": 64}, "1000 token ids but the generator's vocab_size is 64"),
+        ({"resolution": 32}, "image size, 16"),
+    ],
+)
+def test_on_the_fly_tokenizer_must_fit_the_generator(tmp_path, overrides, message):
+    from tiny_models import random_flextok_model, tiny_ar_config
+
+    from flextok_hf.training.ar import ARTrainingConfig, load_frozen_tokenizer
+
+    random_flextok_model().save_pretrained(tmp_path / "tokenizer")  # FSQ 8-5-5-5: 1000 ids, 16 px images
+    config = ARTrainingConfig(
+        train_data="images",
+        tokenizer_name_or_path=str(tmp_path / "tokenizer"),
+        resolution=overrides.get("resolution", 16),
+    )
+    with pytest.raises(ValueError, match=message):
+        load_frozen_tokenizer(config, tiny_ar_config(vocab_size=overrides.get("vocab_size", 1000)), "cpu")
