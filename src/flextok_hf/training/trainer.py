@@ -290,6 +290,8 @@ def train(
     final_model = whole_model(accelerator, model, export_frame)
     if accelerator.is_main_process:
         model_dir = export_atomically(output_dir / "model", lambda folder: export(final_model, folder, last_logs))
+    # Every process tears the process group down together: one that leaves during the export can abort (gloo).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainingResult(model_dir=model_dir, step=step, last_logs=last_logs)
 
