@@ -83,6 +83,21 @@ def _unpacker(part: str, registers_key: str) -> dict:
     )
 
 
+def _repa_head(config: FlexTokConfig) -> dict:
+    # The reference's MLPHead: [norm,] Linear, SiLU, ..., out_proj; its norm is on unless norm_layer says null.
+    head = _node(
+        "model.postprocessors.heads.MLPHead",
+        read_key="dec_repa",
+        write_key="dec_repa_pred",
+        dim=config.decoder_hidden_size,
+        dim_out=config.repa_feature_size,
+        num_layers=config.repa_projector_num_layers,
+        use_mup_readout=False,
+        dim_hidden_ratio=config.repa_projector_hidden_size / config.decoder_hidden_size,
+    )
+    return head if config.repa_projector_input_norm else {**head, "norm_layer": None}
+
+
 def reference_config_nodes(config: FlexTokConfig) -> dict:
     """The six config nodes of a released checkpoint, in the reference's module order."""
     enc, dec, channels = config.encoder_hidden_size, config.decoder_hidden_size, config.latent_channels
@@ -182,7 +197,7 @@ def reference_config_nodes(config: FlexTokConfig) -> dict:
             adaLN_packing_fn_read_key="dec_emb_packing_fn",
             adaLN_expansion=2 if per_subseq else 1,
             intermediate_layer_write_key="dec_repa",
-            intermediate_layers=[0],
+            intermediate_layers=[0 if config.repa_layer is None else config.repa_layer],
         ),
         "dec_unpacker": _unpacker("dec", "dec_quants"),
         "dec_to_patches": _node(
@@ -197,6 +212,8 @@ def reference_config_nodes(config: FlexTokConfig) -> dict:
         ),
         "dec_channels_to_first": _per_sample("vae_latents_reconst", "vae_latents_reconst", "channels_last_to_first"),
     }
+    if config.repa_layer is not None:
+        decoder["dec_repa_head"] = _repa_head(config)
     return {
         "vae": _node(
             "vae_wrapper.StableDiffusionVAE",
@@ -274,6 +291,12 @@ def reference_state_dict(model: FlexTokModel) -> dict:
     for key, tensor in model.state_dict().items():
         if key == "decoder.register_position_embeddings":
             state["decoder.module_dict.dec_registers_posemb_module.posembs"] = tensor.T[None, None].contiguous()
+            continue
+        if key.startswith("repa_projector.layers."):
+            index, rest = key.removeprefix("repa_projector.layers.").split(".", 1)
+            out_index = int(model.config.repa_projector_input_norm) + 2 * (model.config.repa_projector_num_layers - 1)
+            entry = "out_proj" if int(index) == out_index else f"mlp.{index}"
+            state[f"decoder.module_dict.dec_repa_head.{entry}.{rest}"] = tensor.contiguous()
             continue
         prefix = next(p for p in _PREFIXES if key.startswith(p))
         new_key = _PREFIXES[prefix] + key[len(prefix) :]

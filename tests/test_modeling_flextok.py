@@ -5,6 +5,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from huggingface_hub.errors import StrictDataclassError
 from reference_format import reference_config_nodes, reference_state_dict, write_hub_format, write_metadata_format
@@ -526,22 +527,47 @@ def test_reference_loader_refuses_unknown_targets(tmp_path):
         FlexTokModel.from_pretrained(tmp_path)
 
 
-def test_reference_loader_reports_training_only_modules(tmp_path, images):
-    original = random_flextok_model()
-    nodes = reference_config_nodes(original.config)
-    nodes["decoder"]["module_dict"]["dec_repa_proj"] = {
-        "_target_": "flextok.model.postprocessors.heads.MLPHead",
-        "read_key": "dec_repa",
-        "write_key": "repa",
-        "dim": 64,
-        "dim_out": 32,
-        "num_layers": 2,
-        "use_mup_readout": False,
-    }
-    state = reference_state_dict(original)
-    state["decoder.module_dict.dec_repa_proj.out_proj.weight"] = torch.zeros(32, 256)
-    write_hub_format(original, tmp_path, nodes=nodes, state=state)
+@pytest.mark.parametrize(("num_layers", "input_norm"), [(2, True), (3, False)])
+def test_released_repa_head_is_kept(tmp_path, num_layers, input_norm):
+    original = random_flextok_model(
+        repa_layer=1,
+        repa_feature_size=24,
+        repa_projector_hidden_size=48,
+        repa_projector_num_layers=num_layers,
+        repa_projector_input_norm=input_norm,
+    )
+    write_hub_format(original, tmp_path)
     loaded = FlexTokModel.from_pretrained(tmp_path)
+    for key in ("repa_layer", "repa_feature_size", "repa_projector_hidden_size", "repa_projector_num_layers"):
+        assert getattr(loaded.config, key) == getattr(original.config, key)
+    assert loaded.config.repa_projector_input_norm == input_norm
+
+    # The head as the reference's MLPHead computes it, from the released weights: [norm,] (linear, SiLU)..., out_proj.
+    head = {
+        key.removeprefix("decoder.module_dict.dec_repa_head."): tensor
+        for key, tensor in reference_state_dict(original).items()
+        if key.startswith("decoder.module_dict.dec_repa_head.")
+    }
+    hidden = torch.randn(2, 5, 64)
+    expected = F.layer_norm(hidden, (64,)) if input_norm else hidden
+    for index in sorted({int(key.split(".")[1]) for key in head if key.startswith("mlp.")}):
+        expected = F.silu(F.linear(expected, head[f"mlp.{index}.weight"], head[f"mlp.{index}.bias"]))
+    expected = F.linear(expected, head["out_proj.weight"], head["out_proj.bias"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.repa_projector(hidden), expected)
+
+
+@pytest.mark.parametrize("unusable", [{"read_key": "elsewhere"}, {"use_mup_readout": True}, {"dim": 32}])
+def test_reference_loader_reports_repa_heads_it_cannot_keep(tmp_path, images, caplog, unusable):
+    original = random_flextok_model(repa_layer=0, repa_feature_size=32, repa_projector_hidden_size=256)
+    nodes = reference_config_nodes(original.config)
+    nodes["decoder"]["module_dict"]["dec_repa_head"].update(unusable)
+    write_hub_format(original, tmp_path, nodes=nodes)
+    with caplog.at_level("WARNING"):
+        loaded = FlexTokModel.from_pretrained(tmp_path)
+    assert loaded.repa_projector is None and loaded.config.repa_layer is None
+    assert "Ignoring training-only module decoder.module_dict.dec_repa_head" in caplog.text
+    assert "Unused weights" in caplog.text
     assert torch.equal(loaded.encode(images), original.encode(images))
 
 

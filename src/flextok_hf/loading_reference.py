@@ -166,6 +166,8 @@ class _Modules:
     register_steps: list = field(default_factory=list)
     patch_sizes: list = field(default_factory=list)
     grid_sizes: list = field(default_factory=list)
+    intermediate_layers: dict = field(default_factory=dict)  # decoder feature key -> block indices it holds
+    repa_heads: list = field(default_factory=list)  # (name, node, where) of MLPHeads, checked once all are read
 
 
 # One handler per `_target_` of the encoder's and decoder's module dicts: handler(modules, part, name, node, where).
@@ -221,8 +223,8 @@ def _transformer(modules, part, name, node, where):
         "qk_norm": node.get("qk_norm", True),
         "adaln_expansion": node.get("adaLN_expansion", 1),
     }
-    if node.get("intermediate_layers"):
-        logger.info(f"{where}: intermediate_layers {node['intermediate_layers']} (training only) ignored.")
+    if part == "decoder" and node.get("intermediate_layer_write_key"):
+        modules.intermediate_layers[node["intermediate_layer_write_key"]] = list(node.get("intermediate_layers", []))
 
 
 def _check_head(node, where):
@@ -282,9 +284,44 @@ def _time_embedder(modules, part, name, node, where):
     modules.options["max_timestep"] = node.get("max_timestep", 1000.0)
 
 
-def _training_only(modules, part, name, node, where):
-    # Parts of released configs that only matter for training the reference (e.g. a REPA head).
-    logger.warning(f"Ignoring training-only module {where} ({_short(node['_target_'])}); its weights are not used.")
+def _mlp_head(modules, part, name, node, where):
+    modules.repa_heads.append((name, node, where))
+
+
+def _repa_projector_options(modules) -> dict:
+    """FlexTokConfig arguments that keep a released REPA head (an MLPHead on one decoder block's features), or
+    none (with a warning naming why) for an MLPHead our `FlexTokREPAProjector` cannot express."""
+    options = {}
+    for name, node, where in modules.repa_heads:
+        layers = modules.intermediate_layers.get(node.get("read_key"))
+        decoder_width = modules.shapes.get("decoder", {}).get("hidden_size")
+        reasons = [
+            reason
+            for reason, applies in (
+                ("it does not read exactly one decoder block's features", layers is None or len(layers) != 1),
+                ("its input width is not the decoder's", node.get("dim") != decoder_width),
+                ("use_mup_readout=True", node.get("use_mup_readout", False)),
+                ("bias=False", not node.get("bias", True)),
+                (
+                    "a custom act_layer or norm_layer",
+                    "act_layer" in node or node.get("norm_layer", "default") not in ("default", None),
+                ),
+                ("a second REPA head", bool(options)),
+            )
+            if applies
+        ]
+        if reasons:
+            logger.warning(f"Ignoring training-only module {where} (MLPHead): {'; '.join(reasons)}.")
+            continue
+        modules.names["repa_projector"] = name
+        options = {
+            "repa_layer": layers[0],
+            "repa_feature_size": node["dim_out"],
+            "repa_projector_hidden_size": int(node.get("dim_hidden_ratio", 4.0) * node["dim"]),  # as MLPHead sizes it
+            "repa_projector_num_layers": node["num_layers"],
+            "repa_projector_input_norm": "norm_layer" not in node,  # absent: the default affine-free LayerNorm
+        }
+    return options
 
 
 def _no_weights(modules, part, name, node, where):
@@ -303,7 +340,7 @@ MODULE_HANDLERS = {
     _REF + "model.preprocessors.token_dropout.MaskedNestedDropout": _nested_dropout,
     _REF + "model.preprocessors.nullcond.LearnedNullCond": _null_condition,
     _REF + "model.preprocessors.time_embedding.TimestepEmbedder": _time_embedder,
-    _REF + "model.postprocessors.heads.MLPHead": _training_only,
+    _REF + "model.postprocessors.heads.MLPHead": _mlp_head,
     _REF + "model.utils.dict_ops.PerSampleOp": _no_weights,
     _REF + "model.postprocessors.seq_unpacking.SequenceUnpacker": _no_weights,
 }
@@ -403,6 +440,7 @@ def parse_reference_config(
         decoder_register_steps=modules.register_steps,
         qk_norm=encoder["qk_norm"],
         **modules.options,
+        **_repa_projector_options(modules),
     )
     return config, modules.names
 
@@ -432,6 +470,10 @@ def convert_state_dict(reference_state: dict, names: dict, config: FlexTokConfig
         f"{dec}{names['decoder_output_head']}.adaLN_modulation.1.": "decoder.output_adaln_modulation.",
         f"{dec}{names['decoder_output_head']}.proj.": "decoder.output_proj.",
     }
+    if "repa_projector" in names:  # our `layers` list the MLPHead's `mlp` entries (norm, linear, SiLU, ...), then
+        out_index = int(config.repa_projector_input_norm) + 2 * (config.repa_projector_num_layers - 1)  # `out_proj`
+        prefixes[f"{dec}{names['repa_projector']}.mlp."] = "repa_projector.layers."
+        prefixes[f"{dec}{names['repa_projector']}.out_proj."] = f"repa_projector.layers.{out_index}."
     state, unused = {}, []
     for key, tensor in reference_state.items():
         prefix = next((p for p in prefixes if key.startswith(p)), None)

@@ -442,16 +442,24 @@ class FlexTokDecoder(nn.Module):
 
 class FlexTokREPAProjector(nn.Module):
     """REPA head (arXiv 2410.06940): an MLP from decoder patch tokens to the feature space of a frozen vision
-    encoder, whose features the training loss aligns them with. Used in training only."""
+    encoder, whose features the training loss aligns them with. Used in training only.
 
-    def __init__(self, hidden_size: int, projector_hidden_size: int, feature_size: int):
+    `layers` lists the optional input norm, the linear layers with SiLU between them, then the output layer, in the
+    order of the reference's `MLPHead` (`mlp.*`, then `out_proj`), so released REPA heads load by index."""
+
+    def __init__(self, config: FlexTokConfig):
         super().__init__()
-        self.linear_1 = nn.Linear(hidden_size, projector_hidden_size)
-        self.linear_2 = nn.Linear(projector_hidden_size, projector_hidden_size)
-        self.linear_3 = nn.Linear(projector_hidden_size, feature_size)
+        hidden_size, projector_size = config.decoder_hidden_size, config.repa_projector_hidden_size
+        layers = [nn.LayerNorm(hidden_size, elementwise_affine=False)] if config.repa_projector_input_norm else []
+        layers += [nn.Linear(hidden_size, projector_size), nn.SiLU()]
+        for _ in range(config.repa_projector_num_layers - 2):
+            layers += [nn.Linear(projector_size, projector_size), nn.SiLU()]
+        layers.append(nn.Linear(projector_size, config.repa_feature_size))
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.linear_3(F.silu(self.linear_2(F.silu(self.linear_1(hidden_states)))))
+        """`[B, N, decoder_hidden_size]` -> `[B, N, repa_feature_size]`."""
+        return self.layers(hidden_states)
 
 
 def repa_alignment_loss(
@@ -529,13 +537,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
         self.encoder = FlexTokEncoder(config)
         self.quantizer = FSQuantizer(config.fsq_levels)
         self.decoder = FlexTokDecoder(config)
-        self.repa_projector = (
-            FlexTokREPAProjector(
-                config.decoder_hidden_size, config.repa_projector_hidden_size, config.repa_feature_size
-            )
-            if config.repa_layer is not None
-            else None
-        )
+        self.repa_projector = FlexTokREPAProjector(config) if config.repa_layer is not None else None
         self.image_processor = VaeImageProcessor(vae_scale_factor=config.vae_downsample_factor)
         self.post_init()
 

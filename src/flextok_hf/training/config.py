@@ -109,6 +109,13 @@ def parse_config(config_class: type[TrainingConfig], argv: list[str] | None = No
     return config_class(**{name: checked_value(name, value, types[name]) for name, value in values.items()})
 
 
+def check_model_settings(settings: dict[str, Any], accepted: set[str], what: str):
+    """Refuses `model` settings that `what` does not take (a misspelt size would otherwise be dropped silently)."""
+    unknown = sorted(set(settings) - accepted)
+    if unknown:
+        raise ValueError(f"Unknown model settings {unknown}; {what} takes {sorted(accepted)}.")
+
+
 def allowed_types(annotation: Any) -> tuple[type, ...]:
     """`int | None` -> `(int, NoneType)`, `dict[str, Any]` -> `(dict,)`."""
     if annotation is None:

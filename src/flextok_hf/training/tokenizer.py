@@ -1,5 +1,6 @@
 """Stage 1: the FlexTok tokenizer (encoder, FSQ, rectified-flow decoder) on a frozen VAE."""
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -8,8 +9,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from ..configuration_flextok import FlexTokConfig
-from ..modeling_flextok import FlexTokModel
-from .config import TrainingConfig
+from ..modeling_flextok import FlexTokModel, FlexTokREPAProjector
+from .config import TrainingConfig, check_model_settings
 from .losses import FrozenVisionFeatures
 
 
@@ -45,29 +46,52 @@ class TokenizerTrainingConfig(TrainingConfig):
             raise ValueError("freeze_encoder and freeze_decoder together leave nothing to train.")
 
 
+# Settings of the training objective, not of the trained weights' shapes: a pretrained model takes them in `model`.
+# The REPA ones add a new projector to a checkpoint that has none.
+FINE_TUNING_SETTINGS = {"nested_dropout_mode", "null_condition_prob", "repa_loss_weight"}
+REPA_PROJECTOR_SETTINGS = {
+    "repa_layer",
+    "repa_feature_size",
+    "repa_projector_hidden_size",
+    "repa_projector_num_layers",
+    "repa_projector_input_norm",
+}
+
+
 def build_tokenizer(config: TokenizerTrainingConfig) -> tuple[FlexTokModel, FrozenVisionFeatures | None]:
-    """The model to train (VAE frozen, optional encoder/decoder freezing) and the REPA feature extractor, if any."""
+    """The model to train (VAE frozen, optional encoder/decoder freezing) and the REPA feature extractor, if any.
+
+    Without `repa_model_name_or_path` no REPA projector trains: a new model is built without one, a pretrained
+    model's is kept frozen (and exported unchanged).
+    """
     vision = (
         FrozenVisionFeatures.from_pretrained(config.repa_model_name_or_path) if config.repa_model_name_or_path else None
     )
-    vae = AutoencoderKL.from_pretrained(config.vae_name_or_path) if config.vae_name_or_path else None
     if config.pretrained_model_name_or_path:
-        model = FlexTokModel.from_pretrained(config.pretrained_model_name_or_path)
-        if config.model:
-            raise ValueError("Set either model (a new architecture) or pretrained_model_name_or_path, not both.")
-        if vae is not None:
-            raise ValueError("A pretrained tokenizer brings its own VAE; vae_name_or_path is for new models.")
+        if config.vae_name_or_path:
+            raise ValueError(
+                "A pretrained tokenizer brings its own VAE; vae_name_or_path is for new models (set it to null, or "
+                "start from training/configs/tokenizer_finetune.yaml)."
+            )
+        model = pretrained_tokenizer(config, vision)
     else:
+        check_model_settings(config.model, {f.name for f in dataclasses.fields(FlexTokConfig)}, "FlexTokConfig")
         settings = dict(config.model)
+        vae = AutoencoderKL.from_pretrained(config.vae_name_or_path) if config.vae_name_or_path else None
         if vae is not None:
             settings["vae_config"] = dict(vae.config)
-        if vision is not None and settings.get("repa_layer") is not None:
+        if vision is None:
+            settings.pop("repa_layer", None)
+        elif settings.get("repa_layer") is not None:
             settings.setdefault("repa_feature_size", vision.feature_size)
         model = FlexTokModel(FlexTokConfig(**settings))
         if vae is not None:
             model.vae.load_state_dict(vae.state_dict())
     if vision is not None and model.repa_projector is None:
-        raise ValueError("repa_model_name_or_path needs a model with a REPA projector: set model.repa_layer.")
+        raise ValueError(
+            "repa_model_name_or_path needs a model with a REPA projector: set model.repa_layer (the decoder block "
+            "to align; the released checkpoints were trained aligning block 1)."
+        )
     if vision is not None and vision.feature_size != model.config.repa_feature_size:
         raise ValueError(
             f"The REPA encoder's features have size {vision.feature_size} but the model's projector outputs "
@@ -78,7 +102,34 @@ def build_tokenizer(config: TokenizerTrainingConfig) -> tuple[FlexTokModel, Froz
     model.vae.requires_grad_(False)
     model.encoder.requires_grad_(not config.freeze_encoder)
     model.decoder.requires_grad_(not config.freeze_decoder)
+    if model.repa_projector is not None:
+        model.repa_projector.requires_grad_(vision is not None)
     return model.train(), vision
+
+
+def pretrained_tokenizer(config: TokenizerTrainingConfig, vision: FrozenVisionFeatures | None) -> FlexTokModel:
+    """`pretrained_model_name_or_path` with the fine-tuning settings of `config.model` applied."""
+    check_model_settings(config.model, FINE_TUNING_SETTINGS | REPA_PROJECTOR_SETTINGS, "a pretrained tokenizer")
+    model = FlexTokModel.from_pretrained(config.pretrained_model_name_or_path)
+    for name in FINE_TUNING_SETTINGS & set(config.model):
+        setattr(model.config, name, config.model[name])
+    projector_settings = {name: config.model[name] for name in REPA_PROJECTOR_SETTINGS & set(config.model)}
+    if model.repa_projector is not None:
+        differing = {k: v for k, v in projector_settings.items() if getattr(model.config, k) != v}
+        if differing:
+            own = {name: getattr(model.config, name) for name in differing}
+            raise ValueError(
+                f"{config.pretrained_model_name_or_path} has its own REPA projector ({own}), which fine-tuning keeps; "
+                f"model asks for {differing}."
+            )
+    elif projector_settings.get("repa_layer") is not None and vision is not None:
+        projector_settings.setdefault("repa_feature_size", vision.feature_size)
+        for name, value in projector_settings.items():
+            setattr(model.config, name, value)
+        model.config.validate_architecture()
+        model.repa_projector = FlexTokREPAProjector(model.config)
+        model.repa_projector.apply(model._init_weights)
+    return model
 
 
 def tokenizer_loss_function(vision: FrozenVisionFeatures | None, device: torch.device):
