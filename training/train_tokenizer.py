@@ -28,8 +28,14 @@ def main(argv=None):
     evaluate = None
     if config.token_dependence_images:  # the same first images of the stream on every process
         probe = build_training_stream(config, rank=0, world_size=1)
-        images = collate_images(list(itertools.islice(probe, config.token_dependence_images)))["pixel_values"]
-        evaluate = token_dependence_evaluation(images)
+        examples = list(itertools.islice(probe, config.token_dependence_images))
+        if len(examples) < 2:
+            raise ValueError(
+                f"train_data has {len(examples)} usable image(s) (corrupt ones and those under min_image_size are "
+                "skipped); the token_dependence check shuffles tokens among at least 2: add images or set "
+                "token_dependence_images 0."
+            )
+        evaluate = token_dependence_evaluation(collate_images(examples)["pixel_values"])
     return train(
         config,
         accelerator,

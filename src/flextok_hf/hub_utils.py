@@ -1,9 +1,10 @@
 """Model cards for FlexTok's models and pipeline, and the save / push plumbing that writes them.
 
 `create_model_card(obj, ...)` builds a huggingface_hub `ModelCard` (metadata + description + usage code) for a
-`FlexTokModel`, `FlexTokARModel` or `FlexTokPipeline`; training scripts pass `datasets`, `training_steps` and
-`metrics`. `ModelCardMixin` makes `save_pretrained` write that card as README.md and `push_to_hub` upload exactly
-what `save_pretrained` wrote: transformers' and diffusers' own `push_to_hub` replace README.md by a generic card.
+`FlexTokModel`, `FlexTokARModel`, `FlexTokPipeline` or the `AutoencoderKL` a tokenizer trains on; training scripts
+pass `datasets`, `training_steps` and `metrics`. `ModelCardMixin` makes `save_pretrained` write that card as
+README.md and `push_to_hub` upload exactly what `save_pretrained` wrote: transformers' and diffusers' own
+`push_to_hub` replace README.md by a generic card.
 """
 
 import os
@@ -77,6 +78,22 @@ token_ids = model.generate_tokens({condition_arguments}, num_tokens={num_tokens}
     return title, summary, usage, _generation_task(config)
 
 
+def _vae_description(vae, repo_id: str) -> tuple[str, str, str, str]:
+    config = vae.config
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    title = "VAE for FlexTok"
+    summary = (
+        f"A diffusers `AutoencoderKL` ({config.latent_channels} latent channels, {factor}x downsampling, latents "
+        f"scaled by {config.scaling_factor:g}), the frozen autoencoder a [FlexTok](https://arxiv.org/abs/2502.13967) "
+        "tokenizer is trained on: pass it to training/train_tokenizer.py as `--vae_name_or_path`."
+    )
+    usage = f"""from diffusers import AutoencoderKL
+
+vae = AutoencoderKL.from_pretrained("{repo_id}")
+latents = vae.encode(images).latent_dist.mode() * vae.config.scaling_factor  # images [B, 3, H, W] in [-1, 1]"""
+    return title, summary, usage, "image-to-image"
+
+
 def _pipeline_description(pipeline, repo_id: str) -> tuple[str, str, str, str]:
     ar_config, tokenizer_config = pipeline.ar_model.config, pipeline.flextok.config
     title = "FlexTok pipeline"
@@ -111,7 +128,7 @@ def create_model_card(
     license: str | None = None,
     tags: list[str] | None = None,
 ) -> ModelCard:
-    """A model card for a `FlexTokModel`, `FlexTokARModel` or `FlexTokPipeline`.
+    """A model card for a `FlexTokModel`, `FlexTokARModel`, `FlexTokPipeline` or a FlexTok VAE (`AutoencoderKL`).
 
     Args:
         obj: the model or pipeline; its config gives the description, the task (`pipeline_tag`) and the usage code.
@@ -122,11 +139,13 @@ def create_model_card(
             `metrics` maps a metric's name to its value.
         license, tags (*optional*): card metadata; FlexTok's own tags and a model's `model_tags` are added.
     """
-    from diffusers import DiffusionPipeline  # not at the top: the modeling modules import this one while loading
+    from diffusers import AutoencoderKL, DiffusionPipeline  # not at the top: modeling modules import this one
 
     if isinstance(obj, DiffusionPipeline):
         describe, library = _pipeline_description, "diffusers"
         sources = [obj.name_or_path] + [getattr(obj, name).name_or_path for name in ("flextok", "ar_model")]
+    elif isinstance(obj, AutoencoderKL):
+        describe, library, sources = _vae_description, "diffusers", [obj.config.get("_name_or_path")]
     else:
         describe = {"flextok": _tokenizer_description, "flextok_ar": _generator_description}[obj.config.model_type]
         library, sources = "transformers", [obj.name_or_path]

@@ -1,10 +1,13 @@
 """Stage 2: the autoregressive generator over FlexTok tokens, class- or text-conditional."""
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from datasets import load_dataset
 from datasets.distributed import split_dataset_by_node
@@ -13,7 +16,7 @@ from transformers import AutoModel, AutoTokenizer
 from ..configuration_flextok_ar import FlexTokARConfig
 from ..modeling_flextok import FlexTokModel
 from ..modeling_flextok_ar import FlexTokARModel
-from .config import TrainingConfig
+from .config import TrainingConfig, check_model_settings
 
 
 @dataclass
@@ -59,6 +62,7 @@ def build_ar_model(config: ARTrainingConfig) -> FlexTokARModel:
     if config.pretrained_model_name_or_path:
         model = FlexTokARModel.from_pretrained(config.pretrained_model_name_or_path)
     else:
+        check_model_settings(config.model, {f.name for f in dataclasses.fields(FlexTokARConfig)}, "FlexTokARConfig")
         model = FlexTokARModel(FlexTokARConfig(**config.model))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -84,6 +88,28 @@ def build_token_stream(config: ARTrainingConfig, rank: int, world_size: int):
         dataset = dataset.map(choose_orientation, remove_columns=["token_ids_flipped"])
     stream = dataset
     return stream
+
+
+def check_token_data(config: ARTrainingConfig, model_config: FlexTokARConfig):
+    """Refuses pre-tokenised data whose ids or labels the generator cannot embed (read from the first shard), at
+    the start rather than as an index error in the first step."""
+    shards = sorted(Path(config.token_data).glob("shard-*.parquet"))
+    if not shards:
+        raise ValueError(f"No shard-*.parquet files in {config.token_data}: run training/pretokenize.py first.")
+    table = pq.read_table(shards[0])
+    largest_id = pc.max(pc.list_flatten(table["token_ids"])).as_py()
+    if largest_id >= model_config.vocab_size:
+        raise ValueError(
+            f"{shards[0]} holds token id {largest_id}, but the generator's vocab_size is {model_config.vocab_size}: "
+            "set model.vocab_size to the tokenizer's codebook size."
+        )
+    if "label" in table.column_names and not model_config.is_text_conditional:
+        largest_label = pc.max(table["label"]).as_py()
+        if largest_label >= model_config.num_classes:
+            raise ValueError(
+                f"{shards[0]} holds class label {largest_label}, but the generator has num_classes "
+                f"{model_config.num_classes}."
+            )
 
 
 def collate_tokens(examples: list[dict[str, Any]]) -> dict[str, Any]:

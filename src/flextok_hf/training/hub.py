@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler
+from huggingface_hub import HfApi
 from torch import nn
 
 from ..hub_utils import create_model_card, upload_saved_folder
@@ -24,12 +25,9 @@ def write_training_card(model, folder: Path, config: TrainingConfig, metrics: di
 
 
 def export_model(model: nn.Module, folder: Path, config: TrainingConfig, metrics: dict[str, float] | None = None):
-    """`save_pretrained` into `folder` (with a model card for FlexTok models); uploaded to `config.hub_model_id`
-    with `config.push_to_hub`."""
+    """`save_pretrained` into `folder`, with a model card that says how it was trained."""
     model.save_pretrained(folder)
-    if not isinstance(model, AutoencoderKL):
-        write_training_card(model, folder, config, metrics)
-    push_folder(folder, config)
+    write_training_card(model, folder, config, metrics)
 
 
 def export_generator(model: nn.Module, folder: Path, config, metrics: dict[str, float] | None = None):
@@ -52,14 +50,31 @@ def export_generator(model: nn.Module, folder: Path, config, metrics: dict[str, 
     )
     pipeline.save_pretrained(folder)
     write_training_card(pipeline, folder, config, metrics)
-    push_folder(folder, config)
+
+
+def create_hub_repo(config: TrainingConfig):
+    """Creates `config.hub_model_id` (if new) before training, so that a missing login or a bad name stops the run
+    at its start rather than after its last step."""
+    try:
+        HfApi().create_repo(config.hub_model_id, private=config.hub_private, exist_ok=True)
+    except Exception as error:
+        raise RuntimeError(
+            f"push_to_hub: cannot create or reach the Hub repo {config.hub_model_id!r} ({error}). Log in with "
+            "`hf auth login` (or set HF_TOKEN), or train without --push_to_hub and upload the model folder later."
+        ) from error
 
 
 def push_folder(folder: Path, config: TrainingConfig):
-    if config.push_to_hub:
+    """Uploads the exported `folder` to `config.hub_model_id`; on failure the error names the folder, which stays."""
+    try:
         upload_saved_folder(
             folder,
             config.hub_model_id,
             private=config.hub_private,
             commit_message=f"Training run, {config.max_train_steps} steps",
         )
+    except Exception as error:
+        raise RuntimeError(
+            f"The trained model is saved in {folder}, but its upload to {config.hub_model_id!r} failed ({error}). "
+            f"Upload it with `hf upload {config.hub_model_id} {folder}`."
+        ) from error

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import itertools
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .checkpointing import load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint
 from .config import TrainingConfig, save_config
+from .hub import create_hub_repo, push_folder
 
 logger = get_logger(__name__)
 
@@ -72,7 +74,19 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         )
     # Each rank draws its own noise and augmentations; resume restores every rank's generators.
     set_seed(config.seed, device_specific=True)
+    show_run_messages()
     return accelerator
+
+
+def show_run_messages():
+    """Prints this package's INFO messages (where a run resumes, its size), which Python would otherwise drop;
+    accelerate's logger keeps them to the main process. Other libraries keep their own levels."""
+    package_logger = logging.getLogger("flextok_hf")
+    package_logger.setLevel(logging.INFO)
+    if not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        package_logger.addHandler(handler)
 
 
 def uses_fsdp(accelerator: Accelerator) -> bool:
@@ -198,6 +212,8 @@ def train(
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "training_config.json")
+        if config.push_to_hub:
+            create_hub_repo(config)
     # Under FSDP the model is sharded in place; the export loads the gathered weights into this weightless copy.
     export_frame = weightless_copy(model) if uses_fsdp(accelerator) and accelerator.is_main_process else None
     parameter_names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
@@ -207,6 +223,8 @@ def train(
 
     step = 0
     checkpoint = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
+    if config.resume_from_checkpoint == "latest" and checkpoint is None:
+        logger.info(f"No checkpoint in {output_dir} yet: starting from step 0")
     trainer_state = read_trainer_state(checkpoint) if checkpoint is not None else None
     num_streams = len(trainer_state["data_state"]) if trainer_state else accelerator.num_processes
     streams = {
@@ -290,6 +308,8 @@ def train(
     final_model = whole_model(accelerator, model, export_frame)
     if accelerator.is_main_process:
         model_dir = export_atomically(output_dir / "model", lambda folder: export(final_model, folder, last_logs))
+        if config.push_to_hub:
+            push_folder(model_dir, config)
     # Every process tears the process group down together: one that leaves during the export can abort (gloo).
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -1,5 +1,6 @@
 """The VAE that the tokenizer trains on: a diffusers `AutoencoderKL`, trained from scratch or fine-tuned."""
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -8,7 +9,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from ..configuration_flextok import DEFAULT_VAE_CONFIG
-from .config import TrainingConfig
+from .config import TrainingConfig, check_model_settings
 from .losses import FrozenVisionFeatures, vae_loss
 
 
@@ -53,6 +54,7 @@ def build_vae(config: VAETrainingConfig) -> VAETrainingModel:
     if config.pretrained_model_name_or_path:
         vae = AutoencoderKL.from_pretrained(config.pretrained_model_name_or_path)
     else:
+        check_model_settings(config.model, set(inspect.signature(AutoencoderKL).parameters), "AutoencoderKL")
         settings = {k: v for k, v in DEFAULT_VAE_CONFIG.items() if not k.startswith("_")}
         vae = AutoencoderKL.from_config({**settings, **config.model})
     if config.gradient_checkpointing:
