@@ -190,6 +190,12 @@ def assert_killed_run_resumes_to_the_same_weights(command, root: Path, steps: in
 def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path, workers):
     data = ["--train_data", image_folder, "--dataloader_num_workers", str(workers)]
     assert_killed_run_resumes_to_the_same_weights(lambda output: script_command(output, 40) + data, tmp_path, 40)
+    if workers == 0:  # (workers decode ahead, and count what they decoded)
+        straight, resumed = (
+            json.loads((tmp_path / run / "logs.jsonl").read_text().splitlines()[-1])
+            for run in ("straight", "interrupted")
+        )
+        assert resumed["images_seen"] == straight["images_seen"] == 40 * 4  # counted over the whole run
 
 
 def test_two_processes_train_as_one_ddp_job(image_folder, tmp_path):

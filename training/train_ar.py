@@ -46,7 +46,7 @@ def main(argv=None):
         data_part,
         collate_images if on_the_fly else collate_tokens,
         export=lambda model, folder, metrics: export_generator(model, folder, config, metrics),
-        data_stats=data_stats,
+        data_stats=data_stats if on_the_fly else None,
     )
 
 

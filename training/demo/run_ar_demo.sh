@@ -4,7 +4,7 @@
 # on the ids (ar_demo.yaml), exports the whole FlexTokPipeline and samples a grid per class. One GPU, ~5 minutes.
 #   bash training/demo/run_ar_demo.sh [OUTPUT_DIR]      # the tokenizer is read from OUTPUT_DIR/tokenizer/model
 # The environment can shrink the run (a quick CPU check of the script with a tiny tokenizer):
-#   NUM_IMAGES (4000), RESOLUTION (128, the tokenizer's image size), IMAGES_PER_CLASS (8), SAMPLING_STEPS (25),
+#   NUM_IMAGES (4000; at least ~100, so that every class draws images), RESOLUTION (128, the tokenizer's image size), IMAGES_PER_CLASS (8), SAMPLING_STEPS (25),
 #   AR_ARGS (more `--key value` settings for train_ar.py, e.g. "--max_train_steps 20 --model '{...}'").
 set -euo pipefail
 out=${1:-outputs/demo}

@@ -201,7 +201,8 @@ def train(
             (see [`BatchStream`]).
         export: `(whole model with the final (EMA) weights, folder, last logged metrics)`, called on the main
             process at the end; writes the model there with `save_pretrained` (and a model card).
-        data_stats: an object with `as_dict()` (counts of skipped images), logged with the losses.
+        data_stats: an object with `as_dict()` (this process's counts of read and skipped images), logged with the
+            losses as totals over the processes and the whole run (resumed runs included).
         evaluate: `(unwrapped model) -> metrics`, run without gradients on every process at each logging step and
             logged with the losses; it must use no global random state (resumed runs stay exact).
 
@@ -227,6 +228,7 @@ def train(
         logger.info(f"No checkpoint in {output_dir} yet: starting from step 0")
     trainer_state = read_trainer_state(checkpoint) if checkpoint is not None else None
     num_streams = len(trainer_state["data_state"]) if trainer_state else accelerator.num_processes
+    counts_before = trainer_state.get("data_counts", {}) if trainer_state else {}  # of the runs this one resumes
     streams = {
         index: BatchStream(data_part(index, num_streams), config, collate_fn)
         for index in stream_indices(accelerator, num_streams)
@@ -283,7 +285,7 @@ def train(
             running, steps_since_log = {}, 0
             last_logs["lr"] = lr_scheduler.get_last_lr()[0]
             if data_stats is not None:
-                last_logs.update(data_stats.as_dict())
+                last_logs.update(run_data_counts(accelerator, data_stats, counts_before))
             if evaluate is not None:
                 with torch.no_grad(), parameters_gathered(accelerator, model):
                     last_logs.update(evaluate(accelerator.unwrap_model(model)))
@@ -293,10 +295,10 @@ def train(
                     log_file.write(json.dumps({"step": step, **last_logs}) + "\n")
             progress.set_postfix(loss=f"{last_logs['loss']:.4f}")
         if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
-            data_state = gather_stream_states(accelerator, streams)
-            save_checkpoint(
-                accelerator, output_dir, step, {"data_state": data_state}, config.checkpoints_total_limit, ema_weights
-            )
+            trainer_state = {"data_state": gather_stream_states(accelerator, streams)}
+            if data_stats is not None:
+                trainer_state["data_counts"] = run_data_counts(accelerator, data_stats, counts_before)
+            save_checkpoint(accelerator, output_dir, step, trainer_state, config.checkpoints_total_limit, ema_weights)
     progress.close()
 
     model_dir = None
@@ -432,6 +434,15 @@ def whole_model(accelerator: Accelerator, model: nn.Module, export_frame: nn.Mod
         return None
     export_frame.load_state_dict(state_dict, assign=True)
     return export_frame
+
+
+def run_data_counts(accelerator: Accelerator, data_stats: Any, counts_before: dict[str, int]) -> dict[str, int]:
+    """Every process's counts summed, plus those of the runs this one resumes. Every process calls this."""
+    return {
+        name: int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum").item())
+        + counts_before.get(name, 0)
+        for name, count in data_stats.as_dict().items()
+    }
 
 
 def export_atomically(folder: Path, write: Callable[[Path], None]) -> Path:
