@@ -1,5 +1,6 @@
 """The `flextok-hf` command line and its aliases, end to end on tiny models and images."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -246,6 +247,25 @@ def bad_token_files(folder, codebook_size: int) -> dict:
         ("wrong_image_size", EXIT_INPUT_ERROR, "must be positive multiples of 4 (VAE factor 2 x patch size 2)"),
         ("mixed_image_sizes", EXIT_INPUT_ERROR, "with --resize none all images must have one size"),
         ("missing_model", EXIT_INPUT_ERROR, "No such model folder: "),
+        (
+            "not_a_flextok_model",
+            EXIT_INPUT_ERROR,
+            "is not a FlexTok tokenizer: its config.json has model_type 'flextok_ar'",
+        ),
+        ("missing_checkpoint", EXIT_INPUT_ERROR, "No such checkpoint: "),
+        (
+            "not_a_checkpoint",
+            EXIT_INPUT_ERROR,
+            "broken.png is not a checkpoint: expected a folder, a .safetensors file",
+        ),
+        ("unknown_device", EXIT_USAGE_ERROR, "--device must be a torch device such as cpu, cuda or cuda:1, got gpu"),
+        ("unavailable_device", EXIT_USAGE_ERROR, "--device cuda:99 is not available here: "),
+        ("missing_reconstruct_image", EXIT_INPUT_ERROR, "No such image file: "),
+        ("bad_reconstruct_output", EXIT_USAGE_ERROR, "--output must end in an image type PIL writes"),
+        ("missing_features", EXIT_INPUT_ERROR, "No such --features file or folder: missing.pt"),
+        ("missing_perceptual_model", EXIT_INPUT_ERROR, "No such --perceptual-model folder: "),
+        ("no_image_column", EXIT_INPUT_ERROR, "Found no image column in ['token_ids']; name it with image_column"),
+        ("refused_decode_value", EXIT_USAGE_ERROR, "guidance_scale must be a finite number >= 0"),
         ("missing_pipeline", EXIT_INPUT_ERROR, "No such pipeline folder: "),
         ("no_images", EXIT_USAGE_ERROR, "Give image files or folders, or --dataset"),
         ("bad_output_suffix", EXIT_USAGE_ERROR, "--output must end in .safetensors or .parquet"),
@@ -273,6 +293,8 @@ def test_user_errors_exit_with_one_line_and_no_traceback(
     PIL.Image.new("RGB", (8, 8)).save(mixed / "zebra.png")
     tokenize = ["tokenize", "--output", tmp_path / "out.parquet", "--model", model_dir]
     detokenize = ["--output-dir", tmp_path / "decoded", "--model", model_dir]
+    evaluate = ["evaluate", folder, "--output-dir", tmp_path / "decoded", "--model", tmp_path / "nothing"]
+    ar_model_dir = pipeline_dir / "ar_model"
     argv = {
         "missing_image": [*tokenize, folder / "missing.png"],
         "empty_folder": [*tokenize, tmp_path / "empty"],
@@ -280,6 +302,24 @@ def test_user_errors_exit_with_one_line_and_no_traceback(
         "wrong_image_size": [*tokenize, tmp_path / "large", "--resize", "none"],
         "mixed_image_sizes": [*tokenize, mixed, "--resize", "none"],
         "missing_model": ["tokenize", folder, "--output", tmp_path / "out.parquet", "--model", tmp_path / "nothing"],
+        "not_a_flextok_model": ["tokenize", folder, "--output", tmp_path / "out.parquet", "--model", ar_model_dir],
+        "missing_checkpoint": ["convert", tmp_path / "nothing", tmp_path / "decoded"],
+        "not_a_checkpoint": ["convert", tmp_path / "broken.png", tmp_path / "decoded"],
+        "unknown_device": [*tokenize, folder, "--device", "gpu"],
+        "unavailable_device": [*tokenize, folder, "--device", "cuda:99"],
+        # Checked before the model loads: the missing model would be reported otherwise.
+        "missing_reconstruct_image": [
+            "reconstruct",
+            "--image",
+            tmp_path / "missing.jpg",
+            "--model",
+            tmp_path / "nothing",
+        ],
+        "bad_reconstruct_output": ["reconstruct", "--output", tmp_path / "t1.xyz", "--model", tmp_path / "nothing"],
+        "missing_features": [*evaluate, "--features", "missing.pt"],
+        "missing_perceptual_model": [*evaluate, "--perceptual-model", tmp_path / "nothing"],
+        "no_image_column": [*tokenize, "--dataset", token_files["float_ids"]],
+        "refused_decode_value": ["detokenize", token_files["valid"], *detokenize, "--guidance-scale", -1],
         "missing_pipeline": ["generate", "--pipeline", tmp_path / "nothing", "--class-labels", 1, *detokenize[:2]],
         "no_images": tokenize,
         "bad_output_suffix": ["tokenize", folder, "--output", tmp_path / "tokens.npy", "--model", model_dir],
@@ -287,8 +327,7 @@ def test_user_errors_exit_with_one_line_and_no_traceback(
         "too_many_tokens": ["detokenize", token_files["valid"], *detokenize, "--num-tokens", 9],
         "unknown_dtype": ["detokenize", token_files["out_of_range"], *detokenize, "--dtype", "float64"],
         "prompt_for_class_pipeline": ["generate", "--pipeline", pipeline_dir, "--prompt", "a cat", *detokenize[:2]],
-        "unknown_sampler": ["evaluate", folder, "--output-dir", tmp_path / "results", "--model", "random"]
-        + ["--samplers", "rk4"],
+        "unknown_sampler": [*evaluate, "--samplers", "rk4"],
     }.get(case) or ["detokenize", token_files[case], *detokenize]
 
     status, out, err = run(argv, capsys)
@@ -298,6 +337,25 @@ def test_user_errors_exit_with_one_line_and_no_traceback(
     if code == EXIT_INPUT_ERROR:
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out.parquet").exists() and not (tmp_path / "decoded").exists()
+
+
+HIDDEN = ("skimage", "matplotlib")
+
+
+def test_a_missing_optional_package_names_the_pip_command(monkeypatch, tmp_path, capsys):
+    # As if not installed; sys.modules is left alone, so no library re-imports half of itself.
+    installed = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in HIDDEN else installed(name, *a))
+    code, _, err = run(["reconstruct", "--output", tmp_path / "grid.png"], capsys)
+    assert code == EXIT_INPUT_ERROR
+    assert err == (
+        "flextok-hf reconstruct: error: The default photo (no --image) needs scikit-image, which is not installed: "
+        "pip install scikit-image\n"
+    )
+    # Before any image is read or model loaded, not once the results are computed.
+    code, _, err = run(["evaluate", tmp_path / "nothing", "--output-dir", tmp_path, "--model", "random"], capsys)
+    assert code == EXIT_INPUT_ERROR
+    assert err.endswith("needs matplotlib, which is not installed: pip install matplotlib\n")
 
 
 def test_reconstruct_bad_num_tokens_is_a_usage_error(tmp_path, capsys):

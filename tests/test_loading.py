@@ -166,3 +166,18 @@ print(type(AutoModel.from_pretrained({str(tmp_path / "tokenizer")!r})).__name__)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["FlexTokModel"]
+
+
+def test_deferred_registration_runs_no_module_twice():
+    """The case that defers registration (diffusers imported first, peft in it importing the Auto classes) must not
+    run a module twice: a diffusers scheduler the user imports is the class FlexTok checks against."""
+    script = """import sys
+from diffusers import FlowMatchEulerDiscreteScheduler
+from flextok_hf import FlexTokModel
+from diffusers import FlowMatchHeunDiscreteScheduler
+import flextok_hf.sampling
+print(flextok_hf.sampling.FlowMatchHeunDiscreteScheduler is FlowMatchHeunDiscreteScheduler)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True"]

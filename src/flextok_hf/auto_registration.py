@@ -9,6 +9,7 @@ smallest import hook that gives one.
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 
@@ -36,28 +37,29 @@ def dependencies_being_imported() -> bool:
 
 class _AfterAutoModuleImport(importlib.abc.MetaPathFinder):
     """Finds transformers' `modeling_auto` like the other finders do, but has its loader import the modeling
-    modules once it has run, or at the first import after diffusers' when that is under way. Removes itself."""
+    modules once it has run; if diffusers or peft is mid-import then, the same happens after the first module
+    imported once they have finished. Removes itself.
+
+    The modeling modules are imported after that module has run, never while it is being found: a module they
+    import themselves (a diffusers scheduler, say) would otherwise be run twice, giving two different classes."""
 
     def __init__(self):
-        self.auto_module_loaded = False
+        self.deferred = False
 
     def find_spec(self, name, path=None, target=None):
-        if self.auto_module_loaded:
-            # Deferred: a later import, once diffusers and peft have finished theirs.
-            if not dependencies_being_imported():
-                sys.meta_path.remove(self)
-                import_modeling_modules()
-            return None
-        if name != AUTO_MODULE:
+        if name != AUTO_MODULE and not (self.deferred and not dependencies_being_imported()):
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
-        exec_module = spec.loader.exec_module
+        if not isinstance(getattr(spec, "loader", None), importlib.machinery.SourceFileLoader):
+            sys.meta_path.insert(0, self)  # a built-in or extension module: wait for the next Python module
+            return None
+        exec_module = spec.loader.exec_module  # this file's own loader: patching it affects no other module
 
         def exec_and_register(module):
             exec_module(module)
             if dependencies_being_imported():
-                self.auto_module_loaded = True
+                self.deferred = True
                 sys.meta_path.insert(0, self)
             else:
                 import_modeling_modules()

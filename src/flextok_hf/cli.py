@@ -10,8 +10,8 @@
     flextok-hf train                                                              # how to launch training
 
 Exit status: 0 on success, 1 for input data the command cannot use (missing or unreadable files, wrong image sizes,
-bad token files, token ids outside the vocabulary), 2 for usage errors (arguments argparse refuses, or values out
-of range); either prints one line on stderr, no traceback.
+bad token files, token ids outside the vocabulary, a missing optional package), 2 for usage errors (arguments
+argparse refuses, or values out of range); either prints one line on stderr, no traceback.
 
 `flextok-convert` and `flextok-reconstruct` are aliases of the two subcommands. A subcommand is one function
 `name(args)` decorated with `@command(argument(...), ...)`: its name, help (the docstring's first line) and
@@ -30,6 +30,7 @@ COMMANDS = {}
 EXIT_INPUT_ERROR = 1
 EXIT_USAGE_ERROR = 2  # as argparse's own errors
 PADDING_ID = -1  # past each sequence's length in a .safetensors token file: never a valid id
+LOCAL_SUFFIXES = (".pt", ".safetensors")  # files that loaders never take for a Hub repo id
 
 
 class InputError(Exception):
@@ -71,6 +72,7 @@ IMAGE_INPUTS = (
     argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER", help="image files and folders (searched recursively)"),
     argument("--dataset", help="instead: a Hub dataset, or a glob of .tar shards or .parquet files, streamed"),
     argument("--split", default="train", help="the dataset's split"),
+    argument("--image-column", help="the dataset's image column (default: the first of image, jpg, jpeg, png, ...)"),
     argument("--max-images", type=positive_int, help="read at most this many images"),
     argument(
         "--resize",
@@ -86,16 +88,47 @@ IMAGE_INPUTS = (
 
 
 def torch_device_and_dtype(args):
+    """`--device`, checked to be one that torch can use here (else a usage error), and `--dtype`."""
     import torch
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu"), getattr(torch, args.dtype)
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {name}.") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # a torch built without CUDA asserts
+        raise ValueError(f"--device {name} is not available here: {one_line(error)}") from None
+    return device, getattr(torch, args.dtype)
 
 
 def check_local_path(name: str, what: str):
     """Refuses a local path that does not exist, before loading code takes it for a Hub repo id ('name' or
-    'owner/name') and reports a network or id error."""
-    if not Path(name).exists() and (Path(name).is_absolute() or name.startswith(".") or name.count("/") > 1):
-        raise InputError(f"No such {what} folder: {name}")
+    'owner/name') and reports a network or id error. Local: absolute, starting with '.', with more than one '/', or
+    a .pt or .safetensors file."""
+    path = Path(name)
+    is_local = path.is_absolute() or name.startswith(".") or name.count("/") > 1 or path.suffix in LOCAL_SUFFIXES
+    if is_local and not path.exists():
+        raise InputError(f"No such {what}: {name}")
+
+
+def check_flextok_checkpoint(name: str, what: str):
+    """Refuses a local path that holds no FlexTok checkpoint (of either format), which loading would report as a
+    Hub-id error or a traceback."""
+    from .loading_reference import is_reference_config
+
+    check_local_path(name, what)
+    path = Path(name)
+    if path.is_file() and path.suffix != ".safetensors":
+        raise InputError(f"{name} is not a checkpoint: expected a folder, a .safetensors file or a Hub repo id.")
+    if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        if config.get("model_type") != "flextok" and not is_reference_config(config):
+            raise InputError(
+                f"{name} is not a FlexTok tokenizer: its config.json has model_type {config.get('model_type')!r}, "
+                "expected 'flextok'."
+            )
 
 
 def load_tokenizer(args):
@@ -103,13 +136,22 @@ def load_tokenizer(args):
     from .modeling_flextok import FlexTokModel
     from .reconstruction_grid import small_random_model
 
+    device, dtype = torch_device_and_dtype(args)
+    hide_progress_bars_off_terminal()
     if args.model == "random":
         model = small_random_model(args.seed)
     else:
-        check_local_path(args.model, "model")
+        check_flextok_checkpoint(args.model, "model folder")
         model = FlexTokModel.from_pretrained(args.model)
-    device, dtype = torch_device_and_dtype(args)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def require_package(module: str, package: str, purpose: str):
+    """Fails up front, naming the pip command, when an optional package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise InputError(f"{purpose} needs {package}, which is not installed: pip install {package}")
 
 
 def quiet_decoding():
@@ -117,6 +159,17 @@ def quiet_decoding():
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+
+
+def hide_progress_bars_off_terminal():
+    """Hides the libraries' bars (loading weights and pipelines, downloads, decoding steps) unless stderr is a
+    terminal, as `progress_bar` does: logs and pipes stay clean."""
+    if not sys.stderr.isatty():
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # and huggingface_hub's
+        diffusers_logging.disable_progress_bar()
 
 
 def progress_bar(total: int | None, description: str):
@@ -193,7 +246,9 @@ def image_batches(args, files: list[Path] | None, model) -> Iterator[tuple[list[
         from .training.data import build_image_stream, collated_batches
 
         try:
-            stream = build_image_stream(args.dataset, args.split, resolution=model.config.image_size)
+            stream = build_image_stream(
+                args.dataset, args.split, resolution=model.config.image_size, image_column=args.image_column
+            )
         except ValueError as error:  # no files match, no image column...: the data, not the arguments
             raise InputError(error) from None
         for batch in collated_batches(itertools.islice(stream, args.max_images), args.batch_size):
@@ -422,7 +477,6 @@ def detokenize(args):
     except ValueError as error:
         raise InputError(f"{args.tokens}: bad image size in its metadata: {error}") from None
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     quiet_decoding()
     generator = torch.Generator().manual_seed(args.seed)  # drawn image after image: the batch size changes nothing
     files = [output_dir / name for name in png_names(names)]
@@ -437,6 +491,7 @@ def detokenize(args):
                 width=width,
                 output_type="pil",
             ).images
+            output_dir.mkdir(parents=True, exist_ok=True)  # once decode has accepted the arguments
             for image, file in zip(images, files[start : start + args.batch_size], strict=True):
                 image.save(file)
             bar.update(len(images))
@@ -470,6 +525,11 @@ def evaluate(args):
 
     if unknown := sorted(set(args.samplers) - set(SAMPLERS)):
         raise ValueError(f"--samplers must be among {sorted(SAMPLERS)}, got {unknown}.")
+    require_package("matplotlib", "matplotlib", "Plotting the results")
+    if args.features:
+        check_local_path(args.features, "--features file or folder")
+    if args.perceptual_model:
+        check_local_path(args.perceptual_model, "--perceptual-model folder")
     files = image_files_to_read(args)
     model = load_tokenizer(args)
     extractors = [
@@ -527,8 +587,9 @@ def generate(args):
 
     if (args.class_labels is None) == (args.prompt is None):
         raise ValueError("Give --class-labels or --prompt (not both).")
-    check_local_path(args.pipeline, "pipeline")
+    check_local_path(args.pipeline, "pipeline folder")
     device, dtype = torch_device_and_dtype(args)
+    hide_progress_bars_off_terminal()
     pipe = FlexTokPipeline.from_pretrained(args.pipeline, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     conditions = args.class_labels if args.class_labels is not None else args.prompt
@@ -570,6 +631,8 @@ def convert(args):
     """Convert a released FlexTok checkpoint (apple/ml-flextok format) to the flextok-hf format."""
     from .convert_flextok_checkpoint import convert_checkpoint
 
+    check_flextok_checkpoint(args.source, "checkpoint")
+    hide_progress_bars_off_terminal()
     convert_checkpoint(args.source, args.output_dir, vae_config=args.vae_config, push_to_hub=args.push_to_hub)
     print(f"Wrote {args.output_dir}" + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else ""))
 
@@ -593,10 +656,15 @@ def reconstruct(args):
 
     from .reconstruction_grid import reconstruction_grid
 
+    if PIL.Image.registered_extensions().get(Path(args.output).suffix.lower()) not in PIL.Image.SAVE:
+        raise ValueError(f"--output must end in an image type PIL writes (.png, .jpg, ...), got {args.output}.")
     if args.image is None:
-        from skimage import data  # pip install scikit-image
+        require_package("skimage", "scikit-image", "The default photo (no --image)")
+        from skimage import data
 
         photo = PIL.Image.fromarray(data.astronaut())
+    elif not args.image.startswith(("http://", "https://")) and not Path(args.image).is_file():
+        raise InputError(f"No such image file: {args.image}")
     else:
         photo = load_image(args.image)
     grid, token_ids = reconstruction_grid(

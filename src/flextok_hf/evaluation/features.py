@@ -1,7 +1,7 @@
 """Feature extractors for the metrics: images `[B, 3, H, W]` in [0, 1] (or texts) -> embeddings `[B, D]`.
 
-Nothing here downloads weights: every extractor is built from a model the caller loaded, or from a local file or
-folder (a Hub id resolves only if it is already in the cache, e.g. with `HF_HUB_OFFLINE=1`).
+Every extractor is built from a model the caller loaded, from a local file or folder, or from a Hub id, which
+transformers downloads unless it is cached (with `HF_HUB_OFFLINE=1` only cached ids load).
 """
 
 from pathlib import Path

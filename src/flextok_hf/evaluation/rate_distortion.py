@@ -113,7 +113,7 @@ def evaluate_token_budgets(
     nfe = {}
     kept: dict[int, list[torch.Tensor]] = {k: [] for k in [0, *budgets]}
     count = 0
-    for batch in tqdm(images, desc="Evaluating", unit="batch"):
+    for batch in tqdm(images, desc="Evaluating", unit="batch", disable=None):  # None: only on a terminal
         batch = batch["pixel_values"] if isinstance(batch, dict) else batch
         encoded = model.encode(batch, return_dict=True)
         originals = to_unit_range(batch).to(model.device)

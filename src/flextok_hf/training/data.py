@@ -146,7 +146,9 @@ def build_image_stream(
     columns = list(dataset.column_names or [])
     image_column = find_column(columns, image_column, IMAGE_COLUMNS, "image")
     if image_column is None:
-        raise ValueError(f"Found no image column in {columns}; name it with image_column.")
+        raise ValueError(
+            f"Found no image column in {columns}; name it with image_column (--image-column on the command line)."
+        )
     label_column = find_column(columns, label_column, LABEL_COLUMNS, "label")
     caption_column = find_column(columns, caption_column, CAPTION_COLUMNS, "caption")
     dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
