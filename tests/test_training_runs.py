@@ -188,8 +188,11 @@ def assert_killed_run_resumes_to_the_same_weights(command, root: Path, steps: in
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path, workers):
-    data = ["--train_data", image_folder, "--dataloader_num_workers", str(workers)]
+    data = ["--train_data", image_folder, "--dataloader_num_workers", str(workers), "--record_example_keys", "true"]
     assert_killed_run_resumes_to_the_same_weights(lambda output: script_command(output, 40) + data, tmp_path, 40)
+    # The keys the killed run recorded past its checkpoint are cut: the audit lists what the weights saw.
+    keys = [(tmp_path / run / "example_keys_stream0.txt").read_text() for run in ("straight", "interrupted")]
+    assert keys[0] == keys[1] and len(keys[0].splitlines()) == 40 * 4
     if workers == 0:  # (workers decode ahead, and count what they decoded)
         straight, resumed = (
             json.loads((tmp_path / run / "logs.jsonl").read_text().splitlines()[-1])
@@ -418,3 +421,12 @@ def test_killed_ar_run_resumes_to_the_same_weights(synthetic_token_data, tmp_pat
         ]  # fmt: skip
 
     assert_killed_run_resumes_to_the_same_weights(command, tmp_path, 100)
+
+
+def test_a_new_run_refuses_an_output_dir_with_checkpoints(image_folder, tmp_path):
+    argv = ["--config", TOKENIZER_CONFIG, "--train_data", image_folder, "--output_dir", str(tmp_path)]
+    argv += ["--max_train_steps", "1", "--token_dependence_images", "0"]
+    run_script("train_tokenizer", argv)
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run .checkpoint-1"):
+        run_script("train_tokenizer", argv)
+    assert run_script("train_tokenizer", argv + ["--resume_from_checkpoint", "latest"]).step == 1

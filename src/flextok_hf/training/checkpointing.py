@@ -77,6 +77,7 @@ def save_checkpoint(
     if ema_weights is not None:
         with quiet_single_process_warning():
             distributed_checkpoint.save(ema_weights, checkpoint_id=temporary / EMA_WEIGHTS_NAME)
+    accelerator.wait_for_everyone()  # every process has written its files (RNG states last) before the rename
     if accelerator.is_main_process:
         (temporary / TRAINER_STATE_NAME).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
         shutil.rmtree(final, ignore_errors=True)

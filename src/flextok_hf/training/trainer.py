@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 
-from .checkpointing import load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint
+from .checkpointing import list_checkpoints, load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint
 from .config import TrainingConfig, save_config
 from .hub import create_hub_repo, push_folder
 
@@ -72,8 +72,9 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
             "gradient_checkpointing and the launch config's fsdp_activation_checkpointing both recompute every block "
             "in the backward pass: turn one of them off."
         )
-    # Each rank draws its own noise and augmentations; resume restores every rank's generators.
-    set_seed(config.seed, device_specific=True)
+    # The same seed everywhere until the model is built (FSDP2 does not broadcast rank 0's initial weights);
+    # `train` then gives each process its own.
+    set_seed(config.seed)
     show_run_messages()
     return accelerator
 
@@ -172,12 +173,21 @@ def keep_log_until(path: Path, step: int):
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def recording_keys(stream: Iterator[dict[str, Any]], path: Path) -> Iterator[dict[str, Any]]:
-    """Passes the batches through, appending each example's key to `path`."""
+def recording_keys(
+    stream: Iterator[dict[str, Any]], path: Path, recorded: dict[int, int], index: int
+) -> Iterator[dict[str, Any]]:
+    """Passes the batches through, appending each example's key to `path` and counting them in `recorded[index]`
+    (what a checkpoint keeps, so that a resumed run cuts the file back to it)."""
     for batch in stream:
         with open(path, "a") as file:
             file.writelines(f"{key}\n" for key in batch["keys"])
+        recorded[index] += len(batch["keys"])
         yield batch
+
+
+def keep_first_lines(path: Path, count: int):
+    lines = path.read_text().splitlines(keepends=True)[:count] if path.exists() else []
+    path.write_text("".join(lines))
 
 
 def train(
@@ -210,11 +220,18 @@ def train(
         [`TrainingResult`].
     """
     output_dir = Path(config.output_dir)
+    if config.resume_from_checkpoint is None and (old := list_checkpoints(output_dir)):
+        raise ValueError(
+            f"{output_dir} holds checkpoints of an earlier run ({old[-1].name}, ...), which this new run would mix "
+            "with its own: resume it with --resume_from_checkpoint latest, or choose another output_dir."
+        )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "training_config.json")
         if config.push_to_hub:
             create_hub_repo(config)
+    # Each process draws its own noise and augmentations from here; resume restores every process's generators.
+    set_seed(config.seed, device_specific=True)
     # Under FSDP the model is sharded in place; the export loads the gathered weights into this weightless copy.
     export_frame = weightless_copy(model) if uses_fsdp(accelerator) and accelerator.is_main_process else None
     parameter_names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
@@ -258,9 +275,14 @@ def train(
         total=config.max_train_steps, initial=step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     iterators = [iter(stream) for stream in streams.values()]
+    recorded = {}  # keys written per stream, up to this step
     if config.record_example_keys:
+        counts_at_checkpoint = trainer_state.get("example_key_counts", []) if trainer_state else []
+        for index in streams:
+            recorded[index] = counts_at_checkpoint[index] if counts_at_checkpoint else 0
+            keep_first_lines(output_dir / f"example_keys_stream{index}.txt", recorded[index])
         iterators = [
-            recording_keys(iterator, output_dir / f"example_keys_stream{index}.txt")
+            recording_keys(iterator, output_dir / f"example_keys_stream{index}.txt", recorded, index)
             for index, iterator in zip(streams, iterators, strict=True)
         ]
     batches = in_turn(iterators, start=step * config.gradient_accumulation_steps)
@@ -296,6 +318,8 @@ def train(
             progress.set_postfix(loss=f"{last_logs['loss']:.4f}")
         if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
             trainer_state = {"data_state": gather_stream_states(accelerator, streams)}
+            if config.record_example_keys:
+                trainer_state["example_key_counts"] = gather_by_stream(accelerator, recorded)
             if data_stats is not None:
                 trainer_state["data_counts"] = run_data_counts(accelerator, data_stats, counts_before)
             save_checkpoint(accelerator, output_dir, step, trainer_state, config.checkpoints_total_limit, ema_weights)
@@ -310,11 +334,11 @@ def train(
     final_model = whole_model(accelerator, model, export_frame)
     if accelerator.is_main_process:
         model_dir = export_atomically(output_dir / "model", lambda folder: export(final_model, folder, last_logs))
-        if config.push_to_hub:
-            push_folder(model_dir, config)
     # Every process tears the process group down together: one that leaves during the export can abort (gloo).
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if model_dir is not None and config.push_to_hub:  # no process waits on the upload (a collective would time out)
+        push_folder(model_dir, config)
     return TrainingResult(model_dir=model_dir, step=step, last_logs=last_logs)
 
 
@@ -400,17 +424,17 @@ def parameters_gathered(accelerator: Accelerator, model: nn.Module):
         model.reshard()
 
 
-def gather_objects(accelerator: Accelerator, value: Any) -> list[Any]:
-    """One entry per rank."""
-    return [value] if accelerator.num_processes == 1 else gather_object([value])
-
-
 def gather_stream_states(accelerator: Accelerator, streams: dict[int, BatchStream]) -> list[dict[str, Any]]:
     """Every stream's position, from all processes, in stream order: what the checkpoint keeps."""
-    states = {}
-    for process_states in gather_objects(accelerator, {index: s.state_dict() for index, s in streams.items()}):
-        states.update(process_states)
-    return [states[index] for index in sorted(states)]
+    return gather_by_stream(accelerator, {index: stream.state_dict() for index, stream in streams.items()})
+
+
+def gather_by_stream(accelerator: Accelerator, values: dict[int, Any]) -> list[Any]:
+    """This process's `{stream index: value}` joined with every other process's, as a list in stream order."""
+    joined = {}
+    for process_values in gather_object([values]):
+        joined.update(process_values)
+    return [joined[index] for index in sorted(joined)]
 
 
 def weightless_copy(model: nn.Module) -> nn.Module:
