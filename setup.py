@@ -11,13 +11,13 @@ setup(
     packages=find_packages("src") + ["flextok_hf.pipelines"],
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # FSDP2 (fully_shard) and DTensor public
         "transformers>=5.23",  # strict dataclass configs
         "diffusers>=0.35",
-        "accelerate>=1.0",
+        "accelerate>=1.15",  # FSDP2 as the training code uses it; the version tested
         "safetensors>=0.4",
         "huggingface-hub>=1.31",
-        "datasets>=3.0",
+        "datasets>=5.0",  # streams reorder their shards at each set_epoch
         "evaluate>=0.4",
         "torchdata>=0.10",
         "torchmetrics>=1.4",

@@ -25,6 +25,9 @@ def test_config_from_yaml_with_overrides(tmp_path):
     )
     assert config.learning_rate == 2e-4 and config.model == {"num_registers": 16} and config.report_to is None
     assert parse_config(TokenizerTrainingConfig, ["--compile", "true"]).compile is True
+    # diffusers-style spellings: --key=value, and a true/false setting given alone
+    config = parse_config(TokenizerTrainingConfig, ["--max_train_steps=7", "--compile", "--seed", "3", "--use_ema"])
+    assert (config.max_train_steps, config.compile, config.seed, config.use_ema) == (7, True, 3, True)
 
 
 @pytest.mark.parametrize(
@@ -37,11 +40,19 @@ def test_config_from_yaml_with_overrides(tmp_path):
         (["--mixed_precision", "fp8"], "mixed_precision"),
         (["--push_to_hub", "true"], "hub_model_id"),
         (["--freeze_encoder", "true", "--freeze_decoder", "true"], "nothing to train"),
+        (["--logging_steps", "0"], "logging_steps must be at least 1"),
+        (["--checkpoints_total_limit", "0"], "checkpoints_total_limit must be at least 1"),
     ],
 )
 def test_bad_configs_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
         parse_config(TokenizerTrainingConfig, argv)
+
+
+def test_a_setting_without_its_value_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(TokenizerTrainingConfig, ["--learning_rate", "--seed", "1"])
+    assert "--learning_rate needs a value" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

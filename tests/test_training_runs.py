@@ -271,6 +271,33 @@ def synthetic_token_data(tmp_path_factory):
     return folder
 
 
+def test_pretokenize_resumes_where_the_stream_stopped(tmp_path):
+    """A run stopped inside a shard (and over an undecodable image) resumes to the rows of an uninterrupted run."""
+    import pyarrow.parquet as pq
+    from tiny_models import random_flextok_model
+
+    from flextok_hf.training.data import build_image_stream
+    from flextok_hf.training.pretokenize import pretokenize
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(11):
+        procedural_image(rng, 16).save(folder / f"{index:02d}.png")
+    (folder / "05_broken.png").write_bytes(b"not an image")
+    model = random_flextok_model()
+
+    def run(output_dir, **options):
+        stream = build_image_stream(str(folder), resolution=16, shuffle=True, seed=1)
+        pretokenize(model, stream, output_dir, shard_size=4, batch_size=2, **options)
+        shards = sorted(output_dir.glob("shard-*.parquet"))
+        return [key for path in shards for key in pq.read_table(path)["key"].to_pylist()]
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "resumed", max_examples=6)  # four rows, then two of the next shard
+    assert run(tmp_path / "resumed") == straight and len(set(straight)) == 11
+
+
 def test_pretokenized_shards_load_with_datasets(token_data):
     from datasets import load_dataset
 
@@ -430,3 +457,12 @@ def test_a_new_run_refuses_an_output_dir_with_checkpoints(image_folder, tmp_path
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run .checkpoint-1"):
         run_script("train_tokenizer", argv)
     assert run_script("train_tokenizer", argv + ["--resume_from_checkpoint", "latest"]).step == 1
+
+
+def test_vae_perceptual_loss_trains_with_a_frozen_encoder_kept_out_of_checkpoints(image_folder, tiny_dinov2, tmp_path):
+    argv = ["--config", VAE_CONFIG, "--train_data", image_folder, "--output_dir", str(tmp_path), "--max_train_steps"]
+    run_script("train_vae", argv + ["2", "--logging_steps", "1", "--perceptual_model_name_or_path", tiny_dinov2])
+    logs = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
+    assert all(0 < entry["perceptual"] <= 2 for entry in logs)
+    checkpointed = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    assert checkpointed and all(key.startswith("vae.") for key in checkpointed)

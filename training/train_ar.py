@@ -42,7 +42,7 @@ def main(argv=None):
         config,
         accelerator,
         model,
-        ar_loss_function(config, model.config, accelerator.device),
+        ar_loss_function(config, model.config, accelerator),
         data_part,
         collate_images if on_the_fly else collate_tokens,
         export=lambda model, folder, metrics: export_generator(model, folder, config, metrics),

@@ -40,7 +40,7 @@ def main(argv=None):
         config,
         accelerator,
         model,
-        tokenizer_loss_function(vision, accelerator.device),
+        tokenizer_loss_function(vision, accelerator),
         lambda index, count: build_training_stream(config, index, count, data_stats),
         collate_images,
         export=lambda model, folder, metrics: export_model(model, folder, config, metrics),

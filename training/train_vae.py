@@ -21,7 +21,7 @@ CALIBRATION_IMAGES = 64
 def main(argv=None):
     config = parse_config(VAETrainingConfig, argv)
     accelerator = build_accelerator(config)
-    model = build_vae(config)
+    model, perceptual = build_vae(config)
     data_stats = SkipCounter()
 
     def export(model, folder, metrics):
@@ -34,7 +34,7 @@ def main(argv=None):
         config,
         accelerator,
         model,
-        vae_loss_function(accelerator.device),
+        vae_loss_function(perceptual, accelerator.device),
         lambda index, count: build_training_stream(config, index, count, data_stats),
         collate_images,
         export,

@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from accelerate import Accelerator
 from datasets import load_dataset
 from datasets.distributed import split_dataset_by_node
 from transformers import AutoModel, AutoTokenizer
@@ -126,9 +127,10 @@ def collate_tokens(examples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def load_frozen_tokenizer(config: ARTrainingConfig, model_config: FlexTokARConfig, device) -> FlexTokModel:
-    """The tokenizer that tokenises `train_data` on the fly, frozen, in bf16 under bf16 mixed precision."""
-    dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+def load_frozen_tokenizer(
+    config: ARTrainingConfig, model_config: FlexTokARConfig, device, dtype: torch.dtype = torch.float32
+) -> FlexTokModel:
+    """The tokenizer that tokenises `train_data` on the fly, frozen, in `dtype`."""
     tokenizer = FlexTokModel.from_pretrained(config.tokenizer_name_or_path, torch_dtype=dtype).to(device).eval()
     if tokenizer.config.codebook_size != model_config.vocab_size:
         raise ValueError(
@@ -140,9 +142,11 @@ def load_frozen_tokenizer(config: ARTrainingConfig, model_config: FlexTokARConfi
     return tokenizer.requires_grad_(False)
 
 
-def ar_loss_function(config: ARTrainingConfig, model_config: FlexTokARConfig, device: torch.device):
+def ar_loss_function(config: ARTrainingConfig, model_config: FlexTokARConfig, accelerator: Accelerator):
     """`(model, batch) -> (loss, logs)` on token batches ([`collate_tokens`]) or, with `train_data`, on image
-    batches (`collate_images`) tokenised here; captions go through the frozen text encoder on the fly."""
+    batches (`collate_images`) tokenised here; captions go through the frozen text encoder on the fly. The frozen
+    tokenizer and text encoder run in the run's mixed precision (they are outside the prepared model)."""
+    device = accelerator.device
     text_encoder = tokenizer = None
     if model_config.is_text_conditional:
         if not config.text_encoder_name_or_path:
@@ -150,7 +154,10 @@ def ar_loss_function(config: ARTrainingConfig, model_config: FlexTokARConfig, de
         tokenizer = AutoTokenizer.from_pretrained(config.text_encoder_name_or_path)
         text_encoder = AutoModel.from_pretrained(config.text_encoder_name_or_path).to(device).eval()
         text_encoder.requires_grad_(False)
-    flextok = load_frozen_tokenizer(config, model_config, device) if config.train_data is not None else None
+    flextok = None
+    if config.train_data is not None:
+        dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+        flextok = load_frozen_tokenizer(config, model_config, device, dtype)
     num_tokens = model_config.max_position_embeddings
 
     def compute_loss(model, batch):
@@ -163,6 +170,8 @@ def ar_loss_function(config: ARTrainingConfig, model_config: FlexTokARConfig, de
         input_ids = input_ids[:, :num_tokens].to(device, non_blocking=True)
         condition = {}
         if text_encoder is not None:
+            if "captions" not in batch:
+                raise ValueError("A text-conditional model needs captions in the data (caption_column, .txt files).")
             text = tokenizer(
                 batch["captions"],
                 padding=True,
@@ -170,7 +179,7 @@ def ar_loss_function(config: ARTrainingConfig, model_config: FlexTokARConfig, de
                 max_length=config.text_max_length,
                 return_tensors="pt",
             ).to(device)
-            with torch.no_grad():
+            with torch.no_grad(), accelerator.autocast():
                 condition["encoder_hidden_states"] = text_encoder(**text).last_hidden_state
             condition["encoder_attention_mask"] = text.attention_mask
         else:

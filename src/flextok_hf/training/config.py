@@ -70,10 +70,20 @@ class TrainingConfig:
     hub_private: bool = False
 
     def __post_init__(self):
-        positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps")
+        positive = (
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "checkpointing_steps",
+            "logging_steps",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(
+                f"checkpoints_total_limit must be at least 1 (or null: keep all), got {self.checkpoints_total_limit}."
+            )
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16', 'bf16' or null, got {self.mixed_precision!r}.")
         if self.push_to_hub and not self.hub_model_id:
@@ -84,29 +94,38 @@ class TrainingConfig:
 
 
 def parse_config(config_class: type[TrainingConfig], argv: list[str] | None = None) -> TrainingConfig:
-    """`--config file.yaml` then any `--key value` overrides (values parsed as YAML: `--compile true`,
-    `--model '{decoder_num_layers: 6}'`); unknown keys are an error that lists the valid ones."""
-    parser = argparse.ArgumentParser(description=config_class.__doc__.split("\n")[0])
+    """`--config file.yaml` then any `--key value` (or `--key=value`) overrides, values parsed as YAML
+    (`--compile true`, `--model '{decoder_num_layers: 6}'`); a true/false setting given alone (`--compile`) is set
+    true. Unknown keys are an error that lists the valid ones."""
+    field_types = {f.name: f.type for f in dataclasses.fields(config_class)}
+    parser = argparse.ArgumentParser(
+        description=config_class.__doc__.split("\n")[0],
+        epilog=f"Settings (YAML keys, or --key value to override): {', '.join(field_types)}.",
+    )
     parser.add_argument("--config", type=Path, help="YAML file with the run's settings")
     args, overrides = parser.parse_known_args(argv)
     values = yaml.safe_load(args.config.read_text()) if args.config else {}
     if not isinstance(values, dict):
         raise ValueError(f"{args.config} must hold a mapping of settings, got {type(values).__name__}.")
     values = dict(values)
-    types = {f.name: f.type for f in dataclasses.fields(config_class)}
-    if len(overrides) % 2:
-        parser.error(f"overrides come in '--key value' pairs, got {overrides}")
-    for key, value in zip(overrides[::2], overrides[1::2], strict=True):
+    tokens = [part for token in overrides for part in (token.split("=", 1) if token.startswith("--") else [token])]
+    while tokens:
+        key = tokens.pop(0)
         if not key.startswith("--"):
             parser.error(f"expected an option '--key', got {key!r}")
         name = key[2:].replace("-", "_")
+        if not tokens or tokens[0].startswith("--"):
+            if bool not in allowed_types(field_types.get(name)):
+                parser.error(f"{key} needs a value")
+            tokens.insert(0, "true")
+        value = tokens.pop(0)
         # Text settings stay text (YAML would read `--mixed_precision no` as False); `null` still means None.
-        is_text = str in allowed_types(types.get(name)) and value not in ("null", "~")
+        is_text = str in allowed_types(field_types.get(name)) and value not in ("null", "~")
         values[name] = value if is_text else yaml.safe_load(value)
-    unknown = sorted(set(values) - set(types))
+    unknown = sorted(set(values) - set(field_types))
     if unknown:
-        raise ValueError(f"Unknown settings {unknown}; {config_class.__name__} takes {sorted(types)}.")
-    return config_class(**{name: checked_value(name, value, types[name]) for name, value in values.items()})
+        raise ValueError(f"Unknown settings {unknown}; {config_class.__name__} takes {sorted(field_types)}.")
+    return config_class(**{name: checked_value(name, value, field_types[name]) for name, value in values.items()})
 
 
 def check_model_settings(settings: dict[str, Any], accepted: set[str], what: str):

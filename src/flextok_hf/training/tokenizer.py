@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
 from ..configuration_flextok import FlexTokConfig
@@ -132,15 +133,17 @@ def pretrained_tokenizer(config: TokenizerTrainingConfig, vision: FrozenVisionFe
     return model
 
 
-def tokenizer_loss_function(vision: FrozenVisionFeatures | None, device: torch.device):
-    """`(model, batch) -> (loss, logs)` for [`~flextok_hf.training.train`]; the REPA encoder moves to `device`."""
+def tokenizer_loss_function(vision: FrozenVisionFeatures | None, accelerator: Accelerator):
+    """`(model, batch) -> (loss, logs)` for [`~flextok_hf.training.train`]; the REPA encoder moves to the
+    accelerator's device and runs in its mixed precision (it is outside the prepared model, which autocast wraps)."""
+    device = accelerator.device
     vision = vision.to(device) if vision is not None else None
 
     def compute_loss(model, batch):
         images = batch["pixel_values"].to(device, non_blocking=True)
         repa_target_features = None
         if vision is not None:
-            with torch.no_grad():
+            with torch.no_grad(), accelerator.autocast():
                 repa_target_features = vision(images)
         output = model(pixel_values=images, repa_target_features=repa_target_features)
         logs = {"flow_loss": output.flow_loss.detach()}

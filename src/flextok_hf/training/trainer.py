@@ -66,6 +66,11 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         # would: a checkpoint then resumes with the same learning rate on any number of processes.
         step_scheduler_with_optimizer=False,
     )
+    if uses_fsdp(accelerator) and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise ValueError(
+            "The training code shards with FSDP2: set fsdp_version: 2 in the launch config's fsdp_config (as "
+            "training/configs/accelerate_fsdp_2gpu.yaml does)."
+        )
     fsdp_recomputes = uses_fsdp(accelerator) and accelerator.state.fsdp_plugin.activation_checkpointing
     if fsdp_recomputes and config.gradient_checkpointing:
         raise ValueError(
@@ -391,11 +396,15 @@ def block_class_names(model: nn.Module) -> list[str]:
 
 def optimizer_step(config, accelerator, model, optimizer, lr_scheduler, compute_loss, stream) -> dict[str, Any]:
     """One optimiser step over `gradient_accumulation_steps` batches of `stream`, gradients clipped to
-    `max_grad_norm`. Returns the last batch's loss and logs, and the gradient norm, as tensors (no sync)."""
+    `max_grad_norm`. Returns the loss and logs averaged over those batches, and the gradient norm, as tensors (no
+    sync)."""
+    totals: dict[str, torch.Tensor] = {}
     for _ in range(config.gradient_accumulation_steps):
         batch = next(stream)
         with accelerator.accumulate(model):
             loss, logs = compute_loss(model, batch)
+            for name, value in {"loss": loss, **logs}.items():
+                totals[name] = totals.get(name, 0) + value.detach() / config.gradient_accumulation_steps
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -405,7 +414,7 @@ def optimizer_step(config, accelerator, model, optimizer, lr_scheduler, compute_
             optimizer.zero_grad(set_to_none=True)
     if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards, replicated on every process
         grad_norm = grad_norm.full_tensor()
-    return {"loss": loss.detach(), **logs, "grad_norm": grad_norm}
+    return {**totals, "grad_norm": grad_norm}
 
 
 @contextlib.contextmanager

@@ -33,12 +33,12 @@ class VAETrainingConfig(TrainingConfig):
 
 
 class VAETrainingModel(nn.Module):
-    """The VAE with its loss as `forward`, so that accelerate's DDP/FSDP wrapper sees every trained call."""
+    """The VAE with its loss as `forward`, so that accelerate's DDP/FSDP wrapper sees every trained call. The frozen
+    perceptual encoder is passed in, not held: it is then neither checkpointed, sharded nor put in train mode."""
 
-    def __init__(self, vae: AutoencoderKL, config: VAETrainingConfig, perceptual: FrozenVisionFeatures | None = None):
+    def __init__(self, vae: AutoencoderKL, config: VAETrainingConfig):
         super().__init__()
         self.vae = vae
-        self.perceptual = perceptual
         self.loss_weights = dict(
             kl_weight=config.kl_weight,
             l1_weight=config.l1_weight,
@@ -46,11 +46,14 @@ class VAETrainingModel(nn.Module):
             perceptual_weight=config.perceptual_weight,
         )
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return vae_loss(self.vae, images, perceptual=self.perceptual, **self.loss_weights)
+    def forward(
+        self, images: torch.Tensor, perceptual: FrozenVisionFeatures | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return vae_loss(self.vae, images, perceptual=perceptual, **self.loss_weights)
 
 
-def build_vae(config: VAETrainingConfig) -> VAETrainingModel:
+def build_vae(config: VAETrainingConfig) -> tuple[VAETrainingModel, FrozenVisionFeatures | None]:
+    """The VAE to train, and the frozen encoder of the perceptual loss, if any."""
     if config.pretrained_model_name_or_path:
         vae = AutoencoderKL.from_pretrained(config.pretrained_model_name_or_path)
     else:
@@ -62,14 +65,16 @@ def build_vae(config: VAETrainingConfig) -> VAETrainingModel:
     perceptual = None
     if config.perceptual_model_name_or_path:
         perceptual = FrozenVisionFeatures.from_pretrained(config.perceptual_model_name_or_path)
-    return VAETrainingModel(vae, config, perceptual).train()
+    return VAETrainingModel(vae, config).train(), perceptual
 
 
-def vae_loss_function(device: torch.device):
-    """`(model, batch) -> (loss, logs)` for [`~flextok_hf.training.train`]."""
+def vae_loss_function(perceptual: FrozenVisionFeatures | None, device: torch.device):
+    """`(model, batch) -> (loss, logs)` for [`~flextok_hf.training.train`]; the perceptual encoder moves to
+    `device` and runs inside the model's forward (in its mixed precision)."""
+    perceptual = perceptual.to(device) if perceptual is not None else None
 
     def compute_loss(model, batch):
-        return model(batch["pixel_values"].to(device, non_blocking=True))
+        return model(batch["pixel_values"].to(device, non_blocking=True), perceptual)
 
     return compute_loss
 
