@@ -22,6 +22,7 @@ divides evenly, else every `world_size`-th example: the ranks' data is disjoint.
 import glob
 import io
 import itertools
+import logging
 import multiprocessing
 import random
 import zlib
@@ -35,6 +36,8 @@ import torch
 from datasets import Image as ImageFeature
 from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
+
+logger = logging.getLogger(__name__)
 
 FOLDER_SHARDS = 64
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
@@ -84,6 +87,11 @@ def load_image_source(source: str, split: str = "train", shuffle_seed: int | Non
         return load_dataset(kind, data_files=files, split="train", streaming=True)
     if any(char in source for char in "*?[") or path.suffix in (".tar", ".parquet"):
         raise ValueError(f"No files match {source}.")
+    if shuffle_seed is not None:
+        logger.warning(
+            f"{source} streams from the Hub in its stored order on the first pass (datasets reorders its files from "
+            "the second): set shuffle_buffer_size, or download its files and pass them as a glob, to shuffle it."
+        )
     return load_dataset(source, split=split, streaming=True)
 
 

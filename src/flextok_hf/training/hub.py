@@ -16,7 +16,7 @@ def write_training_card(model, folder: Path, config: TrainingConfig, metrics: di
     card = create_model_card(
         model,
         config.hub_model_id,
-        base_model=getattr(config, "pretrained_model_name_or_path", None) or None,
+        base_model=getattr(config, "pretrained_model_name_or_path", None),
         datasets=[data] if (data := config.train_data or getattr(config, "token_data", None)) else None,
         training_steps=config.max_train_steps,
         metrics=metrics,

@@ -13,8 +13,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class FrozenVisionFeatures(nn.Module):
-    """Patch features of a frozen transformers vision encoder (e.g. `facebook/dinov2-base`), the targets of REPA
-    and of feature-space (perceptual) losses.
+    """Patch features of a frozen ViT-style transformers vision encoder (DINOv2, ViT: a CLS token, optional
+    registers, then patches), the targets of REPA and of feature-space (perceptual) losses.
 
     Images `[B, 3, H, W]` in [-1, 1] are resized to the encoder's `image_size`, normalised with `mean`/`std`, and
     mapped to `[B, N, hidden_size]`: the last hidden state without its leading class (and register) tokens.
@@ -24,6 +24,11 @@ class FrozenVisionFeatures(nn.Module):
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
         config = encoder.config
+        if not hasattr(config, "image_size") or not hasattr(config, "hidden_size"):
+            raise ValueError(
+                f"{type(encoder).__name__} is not a ViT-style vision encoder (its config has no image_size or "
+                "hidden_size): use one such as facebook/dinov2-base."
+            )
         self.image_size = config.image_size
         self.num_prefix_tokens = 1 + getattr(config, "num_register_tokens", 0)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)

@@ -378,10 +378,9 @@ def prepare_training(config: TrainingConfig, accelerator: Accelerator, model: nn
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema = None
     if config.use_ema:
-        ema = EMAModel(
+        ema = EMAModel(  # its shadow weights are copies of the prepared (on-device) parameters
             trainable_parameters(model), decay=config.ema_decay, use_ema_warmup=config.ema_warmup, foreach=True
         )
-        ema.to(accelerator.device)
     return model, optimizer, lr_scheduler, ema
 
 
