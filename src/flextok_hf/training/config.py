@@ -53,6 +53,7 @@ class TrainingConfig:
     mixed_precision: str | None = None
     gradient_checkpointing: bool = False
     compile: bool = False
+    allow_tf32: bool = False  # TF32 matmuls on Ampere and later GPUs, for what runs in float32
     cpu: bool = False
     # Exponential moving average of the weights; the EMA weights are what gets exported.
     use_ema: bool = True

@@ -77,6 +77,8 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
             "gradient_checkpointing and the launch config's fsdp_activation_checkpointing both recompute every block "
             "in the backward pass: turn one of them off."
         )
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # The same seed everywhere until the model is built (FSDP2 does not broadcast rank 0's initial weights);
     # `train` then gives each process its own.
     set_seed(config.seed)
