@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from flextok_hf.hub_utils import ModelCardMixin
 from flextok_hf.modeling_flextok import FlexTokModel
 from flextok_hf.modeling_flextok_ar import FlexTokARModel
-from flextok_hf.sampling import FlowGuidance, check_guidance_scale, flow_sigmas, set_flow_timesteps
+from flextok_hf.sampling import FlowGuidance, TokenSampler, check_guidance_scale, flow_sigmas, set_flow_timesteps
 from flextok_hf.utils import check_num_tokens
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -60,7 +60,7 @@ class FlexTokPipelineOutput(ImagePipelineOutput):
 class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
     r"""
     Generates images with FlexTok: `ar_model` samples FlexTok token ids given class labels or a text prompt, and the
-    `flextok` tokenizer's rectified-flow decoder turns any number of them (1 to `num_registers`) into an image.
+    `flextok` tokenizer's rectified-flow decoder turns any number of them (1 to `max_num_tokens`) into an image.
 
     Args:
         ar_model ([`FlexTokARModel`]): autoregressive generator of FlexTok tokens, class- or text-conditional.
@@ -142,6 +142,9 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
         num_tokens,
         num_images_per_prompt,
         guidance_scale,
+        temperature,
+        top_k,
+        top_p,
         decoder_guidance_scale,
         num_inference_steps,
         height,
@@ -235,7 +238,7 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
         check_num_tokens(num_tokens, self.max_num_tokens)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}.")
-        check_guidance_scale(guidance_scale, "guidance_scale")
+        TokenSampler(guidance_scale, True, temperature, top_k, top_p)  # raises on a bad sampling setting
         check_guidance_scale(decoder_guidance_scale, "decoder_guidance_scale")
         flow_sigmas(num_inference_steps)  # raises on a bad step count
         self.flextok.check_image_size(height, width)
@@ -291,6 +294,14 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
             negative prompt). The images of one prompt are adjacent.
         """
         device = device or self._execution_device
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass `prompt` or `prompt_embeds`.")
+        encodes_text = prompt_embeds is None or negative_prompt is not None
+        if encodes_text and (self.text_encoder is None or self.tokenizer is None):
+            raise ValueError(
+                "Encoding text needs the pipeline's optional `text_encoder` and `tokenizer`; without them, pass "
+                "`prompt_embeds` (and `negative_prompt_embeds`)."
+            )
         if prompt_embeds is None:
             prompt = [prompt] if isinstance(prompt, str) else prompt
             prompt_embeds, prompt_attention_mask = self._encode_text(prompt, device)
@@ -312,7 +323,8 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
     def _encode_text(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.LongTensor]:
         text_inputs = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         attention_mask = text_inputs.attention_mask.to(device)
-        return self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask)[0], attention_mask
+        outputs = self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask)
+        return outputs.last_hidden_state, attention_mask
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -445,6 +457,9 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
             num_tokens,
             num_images_per_prompt,
             guidance_scale,
+            temperature,
+            top_k,
+            top_p,
             decoder_guidance_scale,
             num_inference_steps,
             height,

@@ -407,10 +407,18 @@ def test_bad_text_inputs_raise(arguments, message):
         dict(input_ids=TOKENS, class_labels=LABELS, labels=TOKENS + VOCAB_SIZE),
     ],
 )
-def test_out_of_range_training_ids_fail_loudly(arguments):
-    # forward checks no values (that would synchronise every step); the lookups and the loss still refuse them.
+def test_out_of_range_ids_are_refused(arguments):
+    model = random_ar_model()
+    with pytest.raises(ValueError, match="must lie in"):
+        model.eval()(**arguments)
+    # In training forward checks no values (that would synchronise every step): the lookups and the loss refuse them.
     with pytest.raises((IndexError, RuntimeError)):
-        random_ar_model()(**arguments)
+        model.train()(**arguments)
+
+
+def test_the_null_class_is_refused_as_a_label_outside_training():
+    with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 10\)"):
+        random_ar_model().eval()(TOKENS, class_labels=torch.tensor([NUM_CLASSES, 0]))
 
 
 @pytest.mark.parametrize(
@@ -512,3 +520,13 @@ def test_compiled_generation_step_gives_the_eager_tokens(text_conditional, text_
             if "generator" in setting:
                 setting["generator"].manual_seed(0)
             assert torch.equal(model.generate_tokens(**condition, **setting), expected)
+
+
+def test_compiled_generation_takes_many_shapes():
+    """Every batch size (and prompt-length bucket) is a shape of its own for the compiled step: more than dynamo's
+    default 8 must not fail."""
+    model = random_ar_model()
+    model.compile_generation(backend="eager", mode=None)
+    for batch_size in range(1, 11):
+        tokens = model.generate_tokens(class_labels=torch.arange(batch_size), num_tokens=2, guidance_scale=2.0)
+        assert tokens.shape == (batch_size, 2)

@@ -589,6 +589,9 @@ def test_model_cpu_offload(saved_class_pipe, class_pipe):
         (dict(class_labels=1, decoder_guidance_scale=-2.0), "decoder_guidance_scale must be a finite number >= 0"),
         (dict(class_labels=1, decoder_guidance_scale=float("inf")), "decoder_guidance_scale must be a finite"),
         (dict(class_labels=1, num_inference_steps=0), "num_inference_steps"),
+        (dict(class_labels=1, temperature=0), "temperature must be a number > 0"),
+        (dict(class_labels=1, top_k=5.0), "top_k must be an integer >= 1"),
+        (dict(class_labels=1, top_p=1.5), r"top_p must lie in \(0, 1\]"),
         (dict(class_labels=1, height=10), "multiples of 4"),
         (dict(class_labels=[1, 2], latents=torch.zeros(1, 4, 8, 8)), r"latents` must have shape \(2, 4, 8, 8\)"),
         (dict(class_labels=1, callback_on_step_end_tensor_inputs=["tokens"]), "callback_on_step_end_tensor_inputs"),
@@ -643,6 +646,22 @@ def test_prompt_without_text_encoder(text_pipe):
     pipe = FlexTokPipeline(ar_model=text_pipe.ar_model, flextok=text_pipe.flextok, scheduler=text_pipe.scheduler)
     with pytest.raises(ValueError, match="text_encoder"):
         pipe("a bird", **FAST)
+
+
+def test_encode_prompt_without_text_encoder_or_prompt(text_pipe):
+    pipe = FlexTokPipeline(ar_model=text_pipe.ar_model, flextok=text_pipe.flextok, scheduler=text_pipe.scheduler)
+    with pytest.raises(ValueError, match="needs the pipeline's optional `text_encoder` and `tokenizer`"):
+        pipe.encode_prompt("a bird")
+    with pytest.raises(ValueError, match="Pass `prompt` or `prompt_embeds`"):
+        text_pipe.encode_prompt()
+
+
+def test_an_integer_temperature_is_a_temperature(class_pipe):
+    def tokens(temperature):
+        call = dict(class_labels=[1, 2], num_tokens=4, generator=seeded(0), return_tokens=True, **FAST)
+        return class_pipe(temperature=temperature, **call).tokens
+
+    assert torch.equal(tokens(2), tokens(2.0))
 
 
 def test_mismatched_components(flextok):

@@ -169,11 +169,18 @@ def test_token_sampler_rows_follow_their_own_generators():
         assert torch.equal(batch[row], sampler(logits[row : row + 1], seeded(seed))[0])
 
 
+def test_token_sampler_takes_an_integer_temperature():
+    logits = torch.randn(2, 10, generator=seeded(3))
+    assert torch.equal(TokenSampler(temperature=2)(logits, seeded(0)), TokenSampler(temperature=2.0)(logits, seeded(0)))
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(temperature=0.0), "temperature must be > 0"),
-        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(temperature=0.0), "temperature must be a number > 0"),
+        (dict(temperature="1"), "temperature must be a number > 0"),
+        (dict(top_k=0), "top_k must be an integer >= 1"),
+        (dict(top_k=5.0), "top_k must be an integer >= 1"),
         (dict(top_p=0.0), r"top_p must lie in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p must lie in \(0, 1\]"),
     ],
@@ -186,9 +193,20 @@ def test_token_sampler_rejects_bad_settings(settings, message):
 
 def test_draw_uniforms_per_row_generators():
     draws = draw_uniforms(2, [seeded(0), seeded(1)], torch.device("cpu"))
-    assert draws.dtype == torch.float64
-    assert draws.tolist() == [torch.rand(1, generator=seeded(s), dtype=torch.float64).item() for s in (0, 1)]
+    assert draws.dtype == torch.float64 and draws.shape == (1, 2)
+    assert draws[0].tolist() == [torch.rand(1, generator=seeded(s), dtype=torch.float64).item() for s in (0, 1)]
     assert torch.equal(draws, draw_uniforms(2, [seeded(0), seeded(1)], torch.device("cpu")))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_draws_for_several_steps_at_once_are_the_draws_step_by_step(per_row):
+    def generator():
+        return [seeded(0), seeded(1), seeded(2)] if per_row else seeded(0)
+
+    one_by_one, step_by_step = generator(), []
+    for _ in range(4):
+        step_by_step.append(draw_uniforms(3, one_by_one, torch.device("cpu"))[0])
+    assert torch.equal(draw_uniforms(3, generator(), torch.device("cpu"), num_steps=4), torch.stack(step_by_step))
 
 
 def test_sample_from_probs():

@@ -734,8 +734,8 @@ class FlexTokModel(FlexTokPreTrainedModel):
         self, token_ids: torch.LongTensor | list[torch.LongTensor]
     ) -> tuple[torch.FloatTensor, torch.LongTensor]:
         """The decoder's condition for token ids `[B, k]` or a list of B prefixes (lengths 1..num_registers): FSQ
-        codes `[B, num_registers, len(fsq_levels)]`, zero past each prefix, and the prefix lengths `keep_k` `[B]`,
-        past which the decoder puts its mask token."""
+        codes `[B, num_registers, len(fsq_levels)]` (past each prefix those of id 0, never read), and the prefix
+        lengths `keep_k` `[B]`, past which the decoder puts its mask token."""
         padded_ids, keep_k = self.check_token_ids(token_ids)
         return self.quantizer.indices_to_codes(padded_ids), keep_k
 

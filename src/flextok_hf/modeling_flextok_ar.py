@@ -14,8 +14,11 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from .configuration_flextok_ar import FlexTokARConfig
 from .hub_utils import ModelCardMixin
-from .sampling import TokenSampler
+from .sampling import TokenSampler, draw_uniforms
 from .utils import check_num_tokens
+
+# Shapes (batch size x guidance x prompt-length bucket) the compiled token step may be compiled for.
+MAX_COMPILED_SHAPES = 64
 
 
 class FlexTokARMLP(nn.Module):
@@ -381,10 +384,11 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
             [`CausalLMOutput`] with `logits` `[batch, num_tokens, vocab_size]`, where `logits[:, i]` predicts token i
             from the condition and tokens < i, and `loss`, the mean cross-entropy, when `labels` is given.
         """
-        # Shapes and dtypes only: value checks would synchronise with the device every training step.
-        self._check_image_tokens(input_ids, "input_ids", check_values=False)
+        # In training, shapes and dtypes only: value checks would synchronise with the device every step.
+        check_values = not self.training
+        self._check_image_tokens(input_ids, "input_ids", check_values=check_values)
         batch_size = self._check_condition(
-            class_labels, encoder_hidden_states, encoder_attention_mask, drop_condition, check_values=False
+            class_labels, encoder_hidden_states, encoder_attention_mask, drop_condition, check_values=check_values
         )
         if input_ids.shape[0] != batch_size:
             raise ValueError(f"input_ids has batch size {input_ids.shape[0]} but the condition has {batch_size}.")
@@ -393,7 +397,7 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                 raise ValueError(
                     f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}."
                 )
-            self._check_image_tokens(labels, "labels", allow_ignore_index=True, check_values=False)
+            self._check_image_tokens(labels, "labels", allow_ignore_index=True, check_values=check_values)
 
         if self.training:
             if self.config.is_text_conditional:
@@ -575,27 +579,33 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
             prefix_embeds, self._attention_mask(key_padding_mask, prefix_slots, prefix_embeds.dtype), past_key_values
         )
 
+        # Every draw of the call at once, in the order step by step draws would take them: one copy to the device
+        # rather than one per step, which a CPU generator would make wait for the GPU.
+        uniforms = [None] * num_tokens
+        if sampler.do_sample:
+            uniforms = draw_uniforms(batch_size, generator, device, num_tokens)
         tokens = torch.empty(batch_size, num_tokens, dtype=torch.long, device=device)
-        tokens[:, :1] = sampler(self.lm_head(hidden_states[:, -1]), generator)
+        tokens[:, :1] = sampler.select(self.lm_head(hidden_states[:, -1]), uniforms[0])
         if callback_on_token is not None:
             callback_on_token(0, tokens[:, :1])
         generation_step = self._compiled_generation_step or self._generation_step
         # Step i feeds token i - 1 into cache slot prefix_length + i - 1 with position embedding i.
         cache_slots = torch.arange(prefix_length - 1, prefix_length + num_tokens - 1, device=device)
         positions = torch.arange(num_tokens, device=device)
-        for token_index in range(1, num_tokens):
-            last_tokens = tokens[:, token_index - 1 : token_index]
-            logits = generation_step(
-                last_tokens.repeat(2, 1) if sampler.is_guided else last_tokens,
-                positions[token_index : token_index + 1],
-                cache_slots[token_index : token_index + 1],
-                key_padding_mask,
-                past_key_values,
-            )
-            uniforms = sampler.draw_uniforms(batch_size, generator, device)
-            tokens[:, token_index : token_index + 1] = sampler.select(logits, uniforms)
-            if callback_on_token is not None:
-                callback_on_token(token_index, tokens[:, : token_index + 1])
+        # Each batch size and prompt-length bucket is a shape of its own for the compiled step: allow many.
+        with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_SHAPES):
+            for token_index in range(1, num_tokens):
+                last_tokens = tokens[:, token_index - 1 : token_index]
+                logits = generation_step(
+                    last_tokens.repeat(2, 1) if sampler.is_guided else last_tokens,
+                    positions[token_index : token_index + 1],
+                    cache_slots[token_index : token_index + 1],
+                    key_padding_mask,
+                    past_key_values,
+                )
+                tokens[:, token_index : token_index + 1] = sampler.select(logits, uniforms[token_index])
+                if callback_on_token is not None:
+                    callback_on_token(token_index, tokens[:, : token_index + 1])
         return tokens
 
     def _generation_step(
@@ -638,8 +648,9 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         """
         Compiles the token step of `generate_tokens` with `torch.compile`, by default with `mode="reduce-overhead"`
         (CUDA graphs on a GPU), `fullgraph=True` and `dynamic=False`; `compile_kwargs` override these. The first call
-        at each batch size, guidance and sampling setting compiles (tens of seconds at 1.5B parameters) and records
-        the graph; later calls replay it. The KV cache of the last shape then stays allocated between calls.
+        at each shape (batch size, guidance on or off, prompt length rounded up to 16) compiles (tens of seconds at
+        1.5B parameters) and records the graph; later calls replay it. Up to `MAX_COMPILED_SHAPES` shapes are kept.
+        The KV cache of the last shape stays allocated between calls.
         """
         compile_kwargs = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False, **compile_kwargs}
         self._compiled_generation_step = torch.compile(self._generation_step, **compile_kwargs)

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 
 def check_guidance_scale(scale: float, name: str = "guidance_scale") -> None:
-    """Raises `ValueError` unless `scale` is a finite number >= 0 (0 gives the unconditional prediction)."""
+    """Raises `ValueError` unless `scale` is a finite number >= 0 (with plain CFG, 0 gives the unconditional
+    prediction)."""
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
         raise ValueError(f"{name} must be a finite number >= 0 (1.0 turns guidance off), got {scale!r}.")
 
@@ -162,10 +163,14 @@ class TokenSampler:
         check_guidance_scale(self.guidance_scale)
         if not self.do_sample:
             return
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}.")
+        temperature, top_k = self.temperature, self.top_k
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}.")
+        object.__setattr__(self, "temperature", float(temperature))  # transformers' warper takes floats only
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}.")
+        if top_k is not None:
+            object.__setattr__(self, "top_k", int(top_k))
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}.")
 
@@ -199,14 +204,8 @@ class TokenSampler:
             `torch.LongTensor` `[B, 1]`: the next tokens.
         """
         batch_size = len(logits) // 2 if self.is_guided else len(logits)
-        return self.select(logits, self.draw_uniforms(batch_size, generator, logits.device))
-
-    def draw_uniforms(
-        self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None, device: torch.device
-    ) -> torch.Tensor | None:
-        """The random numbers `select` needs for a batch of B rows (`[B]` float64 on `device`), or None when not
-        sampling; see the module's `draw_uniforms`."""
-        return draw_uniforms(batch_size, generator, device) if self.do_sample else None
+        uniforms = draw_uniforms(batch_size, generator, logits.device)[0] if self.do_sample else None
+        return self.select(logits, uniforms)
 
     def select(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.LongTensor:
         """
@@ -224,19 +223,24 @@ class TokenSampler:
 
 
 def draw_uniforms(
-    batch_size: int, generator: torch.Generator | list[torch.Generator] | None, device: torch.device
+    batch_size: int,
+    generator: torch.Generator | list[torch.Generator] | None,
+    device: torch.device,
+    num_steps: int = 1,
 ) -> torch.Tensor:
     """
-    Draws one float64 number in [0, 1) per batch row: all from `generator`, or row i from `generator[i]` when it is a
-    list, so that a row depends only on its own generator. Draws happen on the generator's device, then move to
-    `device` (as diffusers' `randn_tensor` does), so a CPU generator drives a model on an accelerator.
+    Draws float64 numbers in [0, 1), one per batch row and step, `[num_steps, batch_size]`: all from `generator`
+    (step by step, as `num_steps` calls would), or row i from `generator[i]` when it is a list, so that a row depends
+    only on its own generator. Draws happen on the generator's device, then move to `device` in one copy (as
+    diffusers' `randn_tensor` does), so a CPU generator drives a model on an accelerator without a copy per step.
     """
     if generator is None:
-        return torch.rand(batch_size, dtype=torch.float64, device=device)
+        return torch.rand(num_steps, batch_size, dtype=torch.float64, device=device)
     if isinstance(generator, torch.Generator):
-        return torch.rand(batch_size, generator=generator, dtype=torch.float64, device=generator.device).to(device)
-    draws = [torch.rand(1, generator=g, dtype=torch.float64, device=g.device).to(device) for g in generator]
-    return torch.cat(draws)
+        draws = torch.rand(num_steps, batch_size, generator=generator, dtype=torch.float64, device=generator.device)
+        return draws.to(device)
+    draws = [torch.rand(num_steps, generator=g, dtype=torch.float64, device=g.device).to(device) for g in generator]
+    return torch.stack(draws, dim=1)
 
 
 def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.LongTensor:
