@@ -651,3 +651,12 @@ def test_vae_config_is_refused_for_our_format(model, tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="reference format"):
         FlexTokModel.from_pretrained(tmp_path, vae_config={"latent_channels": 4})
+
+
+def test_posterior_samples_follow_the_generator(images):
+    model = random_flextok_model(vae_sample_posterior=True)
+
+    def latents(seed):
+        return model.encode(images, return_dict=True, generator=torch.Generator().manual_seed(seed)).latents
+
+    assert torch.equal(latents(0), latents(0)) and not torch.equal(latents(0), latents(1))

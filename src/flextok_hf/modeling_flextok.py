@@ -651,11 +651,11 @@ class FlexTokModel(FlexTokPreTrainedModel):
 
     # ------------------------------------------------------------------------------------------ tokenizer
 
-    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_latents(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images `[B, 3, H, W]` in [-1, 1] -> scaled VAE latents `[B, C, H/f, W/f]` (posterior mean unless
-        `config.vae_sample_posterior`)."""
+        `config.vae_sample_posterior`, then a sample drawn from `generator`)."""
         posterior = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
-        latents = posterior.sample() if self.config.vae_sample_posterior else posterior.mode()
+        latents = posterior.sample(generator) if self.config.vae_sample_posterior else posterior.mode()
         return latents * self.config.vae_scaling_factor
 
     @apply_forward_hook
@@ -665,6 +665,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
         return_dict: bool = False,
         target: float | None = None,
         metric: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "latent_mse",
+        generator: torch.Generator | None = None,
         **adaptive_kwargs,
     ) -> "torch.LongTensor | FlexTokEncoderOutput | AdaptiveTokenizationOutput":
         """Tokenize images, into all `num_registers` tokens each or, given a quality `target`, into per image the
@@ -679,8 +680,10 @@ class FlexTokModel(FlexTokPreTrainedModel):
                 binary search, one batched `decode` per round).
             metric (`str` or callable): with `target`: "latent_mse" (at most `target`), "psnr" (dB, at least
                 `target`) or a callable distance, as `adaptive_tokenize` takes it.
+            generator (`torch.Generator`, *optional*): draws the VAE posterior samples when
+                `config.vae_sample_posterior` (else unused); with `target`, the search's decoder noise too.
             adaptive_kwargs: with `target`, the other options of `adaptive_tokenize`: `candidates`, `refine`,
-                `num_inference_steps`, `guidance_scale`, `norm_guidance`, `generator`.
+                `num_inference_steps`, `guidance_scale`, `norm_guidance`.
 
         Returns:
             Without `target`, `torch.LongTensor` `[B, num_registers]`: token ids, coarse to fine; any prefix can be
@@ -691,12 +694,12 @@ class FlexTokModel(FlexTokPreTrainedModel):
             # The search lives with the evaluation code, which imports this module.
             from .evaluation.adaptive import adaptive_tokenize
 
-            return adaptive_tokenize(self, images, target, metric, **adaptive_kwargs)
+            return adaptive_tokenize(self, images, target, metric, generator=generator, **adaptive_kwargs)
         if adaptive_kwargs:
             raise ValueError(f"{sorted(adaptive_kwargs)} only apply to adaptive tokenization, with a target.")
         self.check_images(images)
         with torch.no_grad():
-            latents = self.encode_latents(images)
+            latents = self.encode_latents(images, generator)
             codes, token_ids = self.quantizer(self.encoder(latents))
         if return_dict:
             return FlexTokEncoderOutput(token_ids=token_ids, codes=codes, latents=latents)
