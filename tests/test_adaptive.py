@@ -3,6 +3,7 @@
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ class KnownQualityModel:
         self.scales = scales
         self.decode_batch_sizes = []
 
-    def encode(self, images, return_dict=True):
+    def encode(self, images, return_dict=True, generator=None):
         token_ids = torch.arange(len(images))[:, None].repeat(1, self.config.num_registers)
         return SimpleNamespace(token_ids=token_ids, latents=torch.zeros(len(images), 1, 2, 2))
 
@@ -78,7 +79,7 @@ def test_adaptive_tokenize_meets_an_achievable_target_on_the_tiny_model():
     full = adaptive_tokenize(
         model,
         images,
-        float("inf"),
+        1e30,  # met by any reconstruction
         candidates=[num_registers],
         refine=False,
         generator=torch.Generator().manual_seed(0),
@@ -135,8 +136,17 @@ def test_adaptive_tokenize_refuses_bad_arguments():
         adaptive_tokenize(model, images, 0.1, candidates=[0, 4])
     with pytest.raises(ValueError, match="candidates"):
         adaptive_tokenize(model, images, 0.1, candidates=[32])
-    with pytest.raises(ValueError, match="target"):
-        adaptive_tokenize(model, images, float("nan"))
+    with pytest.raises(ValueError, match="candidates"):
+        adaptive_tokenize(model, images, 0.1, candidates=[])
+    for target in (float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="target"):
+            adaptive_tokenize(model, images, target)
+
+
+def test_adaptive_tokenize_takes_numpy_numbers():
+    model, images = KnownQualityModel([0.5, 3.0]), torch.zeros(2, 3, 4, 4)
+    out = adaptive_tokenize(model, images, np.float32(0.1), candidates=np.array([2, 16]))
+    assert out.lengths.tolist() == [2, 10]  # the fewest k with (scale / k)^2 <= 0.1
 
 
 def test_encode_with_a_target_is_adaptive_tokenization():
@@ -150,3 +160,5 @@ def test_encode_with_a_target_is_adaptive_tokenization():
     assert torch.equal(model.encode(images), model.encode(images, return_dict=True).token_ids)  # without a target
     with pytest.raises(ValueError, match="only apply to adaptive tokenization"):
         model.encode(images, num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"\['metric'\] only apply to adaptive tokenization"):
+        model.encode(images, metric="psnr")

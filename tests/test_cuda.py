@@ -2,10 +2,14 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
+from test_evaluation import tiny_dinov2_extractor, to_pil, unit_images
 from tiny_models import random_ar_model, random_flextok_model, random_images
+from torch import nn
 
 from flextok_hf import FlexTokPipeline
+from flextok_hf.evaluation import clip_score, compute_metrics, frechet_distance, load_metric
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -112,3 +116,44 @@ def test_compiled_pipeline_matches_the_eager_one(no_tf32):
         compiled = pipe(generator=torch.Generator("cuda").manual_seed(0), **kwargs)
         assert torch.equal(compiled.tokens, eager.tokens)
         assert relative_error(compiled.images, eager.images) < 1e-4
+
+
+class PooledLinearFeatures(nn.Module):
+    """Features computed with weights, so that, like the TorchScript Inception, it takes inputs on its device only."""
+
+    num_features = 8
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3 * 4 * 4, 8)
+
+    def forward(self, images):
+        return self.linear(F.adaptive_avg_pool2d(images, 4).flatten(1))
+
+
+def test_metrics_run_where_the_extractors_are_else_where_the_images_are(no_tf32):
+    references, predictions = ((unit_images(16, seed=seed) * 255).round() / 255 for seed in (0, 1))  # PNG-exact
+    torch.manual_seed(0)
+    features, embeddings = PooledLinearFeatures(), tiny_dinov2_extractor()
+    texts = [f"caption {index}" for index in range(16)]
+
+    def text_extractor(texts):
+        return torch.linspace(-1, 1, 8 * len(texts)).view(len(texts), 8)  # on the CPU, whatever the images
+
+    on_cpu = compute_metrics(predictions, references, feature_extractor=features, perceptual_extractor=embeddings)
+    fid = frechet_distance(references, predictions, features)
+    score = clip_score(predictions, texts, features, text_extractor)
+
+    pixel_metrics = compute_metrics(predictions.cuda(), references.cuda())
+    assert pixel_metrics == pytest.approx({name: on_cpu[name] for name in pixel_metrics}, rel=1e-5)
+    features.cuda()
+    embeddings.cuda()
+    # CPU images, as the `evaluate` modules pass them, with extractors on the GPU.
+    on_gpu = compute_metrics(predictions, references, feature_extractor=features, perceptual_extractor=embeddings)
+    assert on_gpu == pytest.approx(on_cpu, rel=1e-4)
+    assert frechet_distance(references, predictions, features) == pytest.approx(fid, rel=1e-4)
+    assert clip_score(predictions, texts, features, text_extractor) == pytest.approx(score, rel=1e-4, abs=1e-4)
+    module = load_metric("frechet_distance").compute(
+        predictions=to_pil(predictions), references=to_pil(references), feature_extractor=features
+    )
+    assert module["frechet_distance"] == pytest.approx(fid, rel=1e-4)

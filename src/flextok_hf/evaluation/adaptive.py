@@ -7,6 +7,8 @@ searching decode their next prefix together, in one batched `decode` call per ro
 starts from the same noise, so an image's reconstruction depends only on its prefix length.
 """
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,7 +19,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from transformers.utils import ModelOutput
 
 from ..modeling_flextok import FlexTokModel
-from .rate_distortion import power_of_two_budgets, to_unit_range
+from .rate_distortion import is_int, power_of_two_budgets, to_unit_range
 
 # Built-in targets and whether a reconstruction meets them from below (an error) or from above (a quality).
 HIGHER_IS_BETTER = {"latent_mse": False, "psnr": True}
@@ -79,16 +81,18 @@ def adaptive_tokenize(
         trained to; a chosen length always met the target when its reconstruction was measured.
     """
     num_registers = model.config.num_registers
-    candidates = sorted(set(candidates or power_of_two_budgets(num_registers)))
-    if not all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= num_registers for k in candidates):
+    candidates = power_of_two_budgets(num_registers) if candidates is None else list(candidates)
+    if not candidates or not all(is_int(k) and 1 <= k <= num_registers for k in candidates):
         raise ValueError(f"candidates must be integers in [1, {num_registers}], got {candidates}.")
-    if not isinstance(target, (int, float)) or target != target:
-        raise ValueError(f"target must be a number, got {target!r}.")
+    candidates = sorted({int(k) for k in candidates})
+    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not math.isfinite(target):
+        raise ValueError(f"target must be a finite number, got {target!r}.")
+    target = float(target)
     if isinstance(metric, str) and metric not in HIGHER_IS_BETTER:
         raise ValueError(f"metric must be one of {list(HIGHER_IS_BETTER)} or a callable, got {metric!r}.")
     higher_is_better = HIGHER_IS_BETTER.get(metric, False) if isinstance(metric, str) else False
 
-    encoded = model.encode(images, return_dict=True)
+    encoded = model.encode(images, return_dict=True, generator=generator)
     token_ids, encoded_latents = encoded.token_ids, encoded.latents.float()
     originals = to_unit_range(images).to(model.device)
     noise = randn_tensor(encoded_latents.shape, generator=generator, device=model.device, dtype=torch.float32)

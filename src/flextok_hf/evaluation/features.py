@@ -54,7 +54,7 @@ class ImageFeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Images `[B, 3, H, W]` in [0, 1] -> embeddings `[B, D]`."""
+        """Images `[B, 3, H, W]` in [0, 1] -> float32 embeddings `[B, D]`."""
         inputs = self.image_processor(
             images=list(images.float().cpu()), do_rescale=False, input_data_format="channels_first", return_tensors="pt"
         )
@@ -64,10 +64,12 @@ class ImageFeatureExtractor(nn.Module):
         else:
             output = self.model(pixel_values=pixel_values)
         if getattr(output, "image_embeds", None) is not None:
-            return output.image_embeds
-        if getattr(output, "pooler_output", None) is not None:
-            return output.pooler_output
-        return output.last_hidden_state[:, 0]
+            embeddings = output.image_embeds
+        elif getattr(output, "pooler_output", None) is not None:
+            embeddings = output.pooler_output
+        else:
+            embeddings = output.last_hidden_state[:, 0]
+        return embeddings.float()  # torchmetrics' FID rounds its value to the features' dtype
 
 
 class TextFeatureExtractor(nn.Module):
@@ -91,16 +93,16 @@ class TextFeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, texts: list[str]) -> torch.Tensor:
-        """B texts -> embeddings `[B, D]`."""
+        """B texts -> float32 embeddings `[B, D]`."""
         inputs = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.model.device)
         if hasattr(self.model, "get_text_features"):
             features = self.model.get_text_features(**inputs)
-            return getattr(features, "pooler_output", features)  # a ModelOutput in transformers 5, a tensor before
+            return getattr(features, "pooler_output", features).float()  # a ModelOutput in transformers 5
         output = self.model(**inputs)
         if getattr(output, "text_embeds", None) is not None:
-            return output.text_embeds
-        mask = inputs.attention_mask.unsqueeze(-1).to(output.last_hidden_state.dtype)
-        return (output.last_hidden_state * mask).sum(dim=1) / mask.sum(dim=1)
+            return output.text_embeds.float()
+        mask = inputs.attention_mask.unsqueeze(-1).float()
+        return (output.last_hidden_state.float() * mask).sum(dim=1) / mask.sum(dim=1)
 
 
 def load_image_feature_extractor(path: str | Path) -> nn.Module:

@@ -6,6 +6,7 @@ and generated sets) are torchmetrics' own; the Frechet distance runs on whatever
 image-text score are two small `torchmetrics.Metric`s over pluggable extractors.
 """
 
+import itertools
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -25,9 +26,9 @@ EVALUATE_MODULES = Path(__file__).parent / "evaluate_metrics"
 
 
 def check_unit_images(images: torch.Tensor, name: str = "images"):
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3 or images.numel() == 0:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{name} must be a tensor [B, 3, H, W] in [0, 1], got {shape}.")
+        raise ValueError(f"{name} must be a non-empty tensor [B, 3, H, W] in [0, 1], got {shape}.")
     if not images.is_floating_point():
         raise ValueError(f"{name} must be floating point in [0, 1], got {images.dtype}.")
     low, high = images.min().item(), images.max().item()
@@ -35,6 +36,26 @@ def check_unit_images(images: torch.Tensor, name: str = "images"):
         raise ValueError(
             f"{name} must be in [0, 1], got values in [{low:.3g}, {high:.3g}] (map [-1, 1] images with (x + 1) / 2)."
         )
+
+
+def check_image_count(count: int, frechet: bool = False, name: str = "images"):
+    """Raises where there are no images, or fewer than the 2 that the Frechet distance (a covariance) needs."""
+    if count == 0:
+        raise ValueError(f"No {name} to evaluate.")
+    if frechet and count < 2:
+        raise ValueError(f"The Frechet distance needs at least 2 {name}, got {count}.")
+
+
+def weights_device(*extractors: nn.Module | None) -> torch.device | None:
+    """The device of the first extractor that has weights; None if none has."""
+    weights = (w for e in extractors if e is not None for w in itertools.chain(e.parameters(), e.buffers()))
+    return next((w.device for w in weights), None)
+
+
+def as_metric_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`images` on the metrics' device, at least float32 (summed squared errors overflow float16) and contiguous
+    (torchmetrics' MAE/MSE `view` their inputs)."""
+    return images.to(device, torch.promote_types(images.dtype, torch.float32)).contiguous()
 
 
 def pil_to_tensor(images: list[PIL.Image.Image]) -> torch.Tensor:
@@ -82,6 +103,7 @@ class PerceptualDistance(Metric):
         self.count += len(distances)
 
     def compute(self) -> torch.Tensor:
+        check_image_count(int(self.count))
         return self.total / self.count
 
 
@@ -115,6 +137,7 @@ class ImageTextScore(Metric):
         self.count += len(scores)
 
     def compute(self) -> torch.Tensor:
+        check_image_count(int(self.count))
         return self.total / self.count
 
 
@@ -181,16 +204,23 @@ def compute_metrics(
     """Reconstruction metrics of `predictions` against `references`: tensors `[N, 3, H, W]` in [0, 1], or iterables
     of matching batches.
 
-    Returns `{name: value}` for the metrics of [`build_metrics`] (same arguments).
+    Returns `{name: value}` for the metrics of [`build_metrics`] (same arguments). They run on the extractors'
+    device, else on the images'.
     """
     collection = build_metrics(metrics, feature_extractor, perceptual_extractor)
+    device = weights_device(feature_extractor, perceptual_extractor)
+    count = 0
     batches = zip(as_batches(predictions, batch_size), as_batches(references, batch_size), strict=True)
     for preds, target in batches:
         check_unit_images(preds, "predictions")
         check_unit_images(target, "references")
         if preds.shape != target.shape:
             raise ValueError(f"predictions {tuple(preds.shape)} and references {tuple(target.shape)} differ in shape.")
-        collection.update(preds.contiguous(), target.contiguous())  # torchmetrics' MAE/MSE `view` their inputs
+        device = device or preds.device
+        collection.to(device)  # torchmetrics' states stay where they were built; a no-op after the first batch
+        collection.update(as_metric_input(preds, device), as_metric_input(target, device))
+        count += len(preds)
+    check_image_count(count, frechet="fid" in collection)
     return {name: value.item() for name, value in collection.compute().items()}
 
 
@@ -202,12 +232,19 @@ def frechet_distance(
     batch_size: int = 64,
 ) -> float:
     """Frechet distance between the features of two image sets (gFID with Inception features), each a tensor
-    `[N, 3, H, W]` in [0, 1] or an iterable of such batches; the sets may differ in size."""
+    `[N, 3, H, W]` in [0, 1] or an iterable of such batches; the sets may differ in size. It runs on the
+    extractor's device, else on the images'."""
     fid = FrechetInceptionDistance(feature=feature_extractor, normalize=True)
-    for images, real in ((real_images, True), (generated_images, False)):
+    device = weights_device(feature_extractor)
+    for images, name in ((real_images, "real_images"), (generated_images, "generated_images")):
+        count = 0
         for batch in as_batches(images, batch_size):
-            check_unit_images(batch)
-            fid.update(batch, real=real)
+            check_unit_images(batch, name)
+            device = device or batch.device
+            fid.to(device)  # a no-op after the first batch
+            fid.update(as_metric_input(batch, device), real=name == "real_images")
+            count += len(batch)
+        check_image_count(count, frechet=True, name=name)
     return fid.compute().item()
 
 
@@ -220,11 +257,15 @@ def clip_score(
     batch_size: int = 64,
 ) -> float:
     """[`ImageTextScore`] of images (a tensor `[N, 3, H, W]` in [0, 1] or an iterable of batches) and their N
-    captions, in order."""
+    captions, in order. It runs on the image extractor's device, else on the images'."""
     score = ImageTextScore(image_extractor, text_extractor)
+    device = weights_device(image_extractor)
     seen = 0
     for batch in as_batches(images, batch_size):
-        score.update(batch, texts[seen : seen + len(batch)])
+        check_unit_images(batch)
+        device = device or batch.device
+        score.to(device)  # a no-op after the first batch
+        score.update(as_metric_input(batch, device), texts[seen : seen + len(batch)])
         seen += len(batch)
     if seen != len(texts):
         raise ValueError(f"Got {seen} images but {len(texts)} texts.")

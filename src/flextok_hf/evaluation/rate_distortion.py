@@ -11,6 +11,7 @@ image. Every setting draws the same initial noise, so their rows differ only by 
 import csv
 import itertools
 import json
+import numbers
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from torchmetrics.regression import MeanSquaredError
 from tqdm.auto import tqdm
 
 from ..modeling_flextok import FlexTokModel
-from .metrics import build_metrics
+from .metrics import build_metrics, check_image_count
 
 # First- and second-order flow-matching samplers by name (the command line's --samplers).
 SAMPLERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
@@ -35,13 +36,49 @@ def power_of_two_budgets(num_registers: int) -> list[int]:
     return budgets if budgets[-1] == num_registers else budgets + [num_registers]
 
 
-def image_batches(source: str, resolution: int, batch_size: int, max_images: int | None = None):
-    """Batches `[B, 3, R, R]` in [-1, 1] of the images of a folder, shard glob or dataset (center crops)."""
+def is_int(value) -> bool:
+    """An integer of any type (numpy's included), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def image_batches(
+    source: str,
+    resolution: int,
+    batch_size: int,
+    max_images: int | None = None,
+    split: str = "train",
+    image_column: str | None = None,
+):
+    """Batches `[B, 3, R, R]` in [-1, 1] of the images of a folder, shard glob or dataset (center crops); `split`
+    and `image_column` as `build_image_stream` takes them."""
     from ..training.data import build_image_stream, collated_batches
 
-    stream = itertools.islice(build_image_stream(source, resolution=resolution), max_images)
+    stream = build_image_stream(source, split, resolution=resolution, image_column=image_column)
+    stream = itertools.islice(stream, max_images)
     for batch in collated_batches(stream, batch_size):
         yield batch["pixel_values"]
+
+
+class CachedOriginals(nn.Module):
+    """A feature extractor that computes the features of the current batch of originals once, not once per
+    (setting, budget) whose metrics compare with them."""
+
+    def __init__(self, extractor: nn.Module):
+        super().__init__()
+        self.extractor = extractor
+        if hasattr(extractor, "num_features"):
+            self.num_features = extractor.num_features  # read by torchmetrics' FID instead of probing the network
+        self.originals = self.features = None
+
+    def set_originals(self, originals: torch.Tensor):
+        self.originals, self.features = originals, None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images is not self.originals:
+            return self.extractor(images)
+        if self.features is None:
+            self.features = self.extractor(images)
+        return self.features
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -53,7 +90,7 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_token_budgets(
     model: FlexTokModel,
-    images: Iterable[torch.Tensor] | str | Path,
+    images: torch.Tensor | Iterable[torch.Tensor] | str | Path,
     budgets: Sequence[int] | None = None,
     num_inference_steps: int | Sequence[int] = 25,
     schedulers: dict[str, SchedulerMixin] | None = None,
@@ -65,15 +102,17 @@ def evaluate_token_budgets(
     seed: int = 0,
     batch_size: int = 16,
     max_images: int | None = None,
+    split: str = "validation",
+    image_column: str | None = None,
     keep_images: int = 0,
 ) -> tuple[list[dict], dict[int, torch.Tensor]]:
     """Mean reconstruction metrics per token budget and sampler setting.
 
     Args:
         model ([`FlexTokModel`]): the tokenizer.
-        images: batches `[B, 3, H, W]` in [-1, 1] (any iterable, e.g. a DataLoader; dict batches are read at
-            "pixel_values"), or a folder / shard glob / dataset name, read in `batch_size` center crops at
-            `config.image_size` (at most `max_images`).
+        images: a tensor `[N, 3, H, W]` in [-1, 1], evaluated in batches of `batch_size`; batches of such images
+            (any iterable, e.g. a DataLoader; dict batches are read at "pixel_values"); or a folder / shard glob /
+            dataset name, read in `batch_size` center crops at `config.image_size`.
         budgets (`list[int]`): token counts, default 1, 2, 4, ..., `config.num_registers`.
         num_inference_steps (`int` or list): decoding steps; each value is a setting.
         schedulers (`dict[str, SchedulerMixin]`): sampler name -> scheduler given to `decode`
@@ -83,6 +122,10 @@ def evaluate_token_budgets(
         metrics, feature_extractor, perceptual_extractor: which metrics, as in [`build_metrics`] (rFID needs a
             feature extractor, the perceptual distance an embedding model).
         seed (`int`): seeds the initial noise, the same for every setting.
+        max_images (`int`, *optional*): evaluate only the first this many images.
+        split (`str`): the split of a dataset name, or of a folder with split subfolders (`train/`, `val/`, ...); a
+            folder without them is the split "train" (shards always are).
+        image_column (`str`, *optional*): the image column of a dataset, found by name by default.
         keep_images (`int`): keep the first setting's reconstructions of this many images (for a grid).
 
     Returns:
@@ -92,31 +135,47 @@ def evaluate_token_budgets(
         `{budget: [n, 3, H, W] in [0, 1]}`, budget 0 the originals.
     """
     num_registers = model.config.num_registers
-    budgets = list(budgets or power_of_two_budgets(num_registers))
-    if not all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= num_registers for k in budgets):
-        raise ValueError(f"budgets must be integers in [1, {num_registers}], got {budgets}.")
-    steps = [num_inference_steps] if isinstance(num_inference_steps, int) else list(num_inference_steps)
-    if not steps or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in steps):
+    budgets = power_of_two_budgets(num_registers) if budgets is None else list(budgets)
+    valid = budgets and all(is_int(k) and 1 <= k <= num_registers for k in budgets)
+    if not valid or len(set(budgets)) < len(budgets):
+        raise ValueError(f"budgets must be distinct integers in [1, {num_registers}], got {budgets}.")
+    budgets = [int(k) for k in budgets]
+    steps = [num_inference_steps] if is_int(num_inference_steps) else list(num_inference_steps)
+    if not steps or not all(is_int(n) and n >= 1 for n in steps):
         raise ValueError(f"num_inference_steps must be positive integers, got {num_inference_steps}.")
-    schedulers = schedulers or {"euler": FlowMatchEulerDiscreteScheduler()}
-    if isinstance(images, (str, Path)):
-        images = image_batches(str(images), model.config.image_size, batch_size, max_images)
+    steps = [int(n) for n in steps]
+    schedulers = {"euler": FlowMatchEulerDiscreteScheduler()} if schedulers is None else schedulers
+    if not schedulers:
+        raise ValueError("schedulers must name at least one scheduler, got none.")
+    if max_images is not None and not (is_int(max_images) and max_images >= 1):
+        raise ValueError(f"max_images must be a positive integer, got {max_images!r}.")
 
     settings = [(name, scheduler, n) for name, scheduler in schedulers.items() for n in steps]
     generators = [torch.Generator().manual_seed(seed) for _ in settings]
+    encode_generator = torch.Generator().manual_seed(seed)  # VAE posterior samples, if the model draws them
+    extractors = [CachedOriginals(e) if e is not None else None for e in (feature_extractor, perceptual_extractor)]
     image_metrics = {
-        (s, k): build_metrics(metrics, feature_extractor, perceptual_extractor).to(model.device)
-        for s in range(len(settings))
-        for k in budgets
+        (s, k): build_metrics(metrics, *extractors).to(model.device) for s in range(len(settings)) for k in budgets
     }
     latent_mse = {key: MeanSquaredError().to(model.device) for key in image_metrics}
+    frechet = "fid" in image_metrics[0, budgets[0]]
+    if isinstance(images, torch.Tensor):
+        images = images[:max_images]
+        check_image_count(len(images), frechet)  # before decoding, where the count is known
+        images = images.split(batch_size)
+    elif isinstance(images, (str, Path)):
+        images = image_batches(str(images), model.config.image_size, batch_size, max_images, split, image_column)
     nfe = {}
     kept: dict[int, list[torch.Tensor]] = {k: [] for k in [0, *budgets]}
     count = 0
     for batch in tqdm(images, desc="Evaluating", unit="batch", disable=None):  # None: only on a terminal
         batch = batch["pixel_values"] if isinstance(batch, dict) else batch
-        encoded = model.encode(batch, return_dict=True)
+        if max_images is not None:
+            batch = batch[: max_images - count]
+        encoded = model.encode(batch, return_dict=True, generator=encode_generator)
         originals = to_unit_range(batch).to(model.device)
+        for extractor in filter(None, extractors):
+            extractor.set_originals(originals)
         encoded_latents = encoded.latents.float().contiguous()  # torchmetrics' MSE `view`s its inputs
         prefixes = [ids[:k] for k in budgets for ids in encoded.token_ids]
         keep = max(0, min(len(batch), keep_images - count))
@@ -143,8 +202,9 @@ def evaluate_token_budgets(
         if keep:
             kept[0].append(originals[:keep].cpu())
         count += len(batch)
-    if count == 0:
-        raise ValueError("No images to evaluate.")
+        if count == max_images:
+            break
+    check_image_count(count, frechet)
 
     rows = []
     for s, (name, _, num_steps) in enumerate(settings):

@@ -167,7 +167,7 @@ def build_image_stream(
         encoded = example[image_column]
         key = example.get("__key__") or encoded.get("path") or f"{zlib.crc32(encoded['bytes']):08x}"
         output = {"key": key, "pixel_values": None}
-        if label_column is not None:
+        if label_column is not None and example[label_column] is not None:  # None: images right in a split folder
             output["label"] = int(example[label_column])
         if caption_column is not None:
             output["caption"] = str(example[caption_column])
