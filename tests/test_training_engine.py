@@ -42,6 +42,7 @@ def test_config_from_yaml_with_overrides(tmp_path):
         (["--freeze_encoder", "true", "--freeze_decoder", "true"], "nothing to train"),
         (["--logging_steps", "0"], "logging_steps must be at least 1"),
         (["--checkpoints_total_limit", "0"], "checkpoints_total_limit must be at least 1"),
+        (["--logging_steps", "10", "--evaluation_steps", "15"], "evaluation_steps must be a multiple of logging_steps"),
     ],
 )
 def test_bad_configs_are_refused(argv, message):

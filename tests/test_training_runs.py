@@ -466,3 +466,10 @@ def test_vae_perceptual_loss_trains_with_a_frozen_encoder_kept_out_of_checkpoint
     assert all(0 < entry["perceptual"] <= 2 for entry in logs)
     checkpointed = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
     assert checkpointed and all(key.startswith("vae.") for key in checkpointed)
+
+
+def test_the_token_dependence_probe_runs_every_evaluation_steps(image_folder, tmp_path):
+    argv = ["--config", TOKENIZER_CONFIG, "--train_data", image_folder, "--output_dir", str(tmp_path)]
+    run_script("train_tokenizer", argv + ["--max_train_steps", "5", "--logging_steps", "1", "--evaluation_steps", "2"])
+    logs = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logs if "flow_loss_true_tokens" in entry] == [2, 4, 5]  # and at the end

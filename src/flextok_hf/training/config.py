@@ -64,6 +64,9 @@ class TrainingConfig:
     checkpoints_total_limit: int | None = 3
     resume_from_checkpoint: str | None = None
     logging_steps: int = 10
+    # How often the stage's evaluation (the tokenizer's token-dependence probe) runs, a multiple of logging_steps;
+    # null: at every logging step.
+    evaluation_steps: int | None = None
     report_to: str | None = "tensorboard"
     tracker_project_name: str = "flextok-hf"
     push_to_hub: bool = False
@@ -81,6 +84,13 @@ class TrainingConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.evaluation_steps is not None and (
+            self.evaluation_steps < 1 or self.evaluation_steps % self.logging_steps
+        ):
+            raise ValueError(
+                f"evaluation_steps must be a multiple of logging_steps ({self.logging_steps}), got "
+                f"{self.evaluation_steps}."
+            )
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(
                 f"checkpoints_total_limit must be at least 1 (or null: keep all), got {self.checkpoints_total_limit}."

@@ -220,8 +220,9 @@ def train(
             process at the end; writes the model there with `save_pretrained` (and a model card).
         data_stats: an object with `as_dict()` (this process's counts of read and skipped images), logged with the
             losses as totals over the processes and the whole run (resumed runs included).
-        evaluate: `(unwrapped model) -> metrics`, run without gradients on every process at each logging step and
-            logged with the losses; it must use no global random state (resumed runs stay exact).
+        evaluate: `(unwrapped model) -> metrics`, run without gradients on every process every
+            `config.evaluation_steps` (at each logging step by default, and at the last) and logged with the losses;
+            it must use no global random state (resumed runs stay exact).
 
     Returns:
         [`TrainingResult`].
@@ -315,7 +316,8 @@ def train(
             last_logs["lr"] = lr_scheduler.get_last_lr()[0]
             if data_stats is not None:
                 last_logs.update(run_data_counts(accelerator, data_stats, counts_before))
-            if evaluate is not None:
+            evaluation_due = config.evaluation_steps is None or step % config.evaluation_steps == 0
+            if evaluate is not None and (evaluation_due or step == config.max_train_steps):
                 with torch.no_grad(), parameters_gathered(accelerator, model):
                     last_logs.update(evaluate(accelerator.unwrap_model(model)))
             accelerator.log(last_logs, step=step)
