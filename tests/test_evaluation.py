@@ -406,6 +406,8 @@ def test_rate_distortion_reads_the_validation_split_of_a_folder(tmp_path):
     assert rows[0]["images"] == 2
     rows, _ = evaluate_token_budgets(model, tmp_path, budgets=[8], split="train", image_column="image", **DECODE)
     assert rows[0]["images"] == 3
+    rows, _ = evaluate_token_budgets(model, tmp_path / "train" / "n01", budgets=[8], **DECODE)  # no splits: all
+    assert rows[0]["images"] == 3
 
 
 def test_rate_distortion_arguments_numpy_integers_and_bad_values():

@@ -59,6 +59,16 @@ def image_batches(
         yield batch["pixel_values"]
 
 
+def evaluation_split(source: str) -> str:
+    """The split to evaluate when none is named: a Hub dataset's "validation"; a folder's validation split folder
+    if it has one, else all its images, which `datasets` calls "train"."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return "validation"
+    has_validation = any((folder / name).is_dir() for name in ("validation", "valid", "val", "dev"))
+    return "validation" if has_validation else "train"
+
+
 class CachedOriginals(nn.Module):
     """A feature extractor that computes the features of the current batch of originals once, not once per
     (setting, budget) whose metrics compare with them."""
@@ -102,7 +112,7 @@ def evaluate_token_budgets(
     seed: int = 0,
     batch_size: int = 16,
     max_images: int | None = None,
-    split: str = "validation",
+    split: str | None = None,
     image_column: str | None = None,
     keep_images: int = 0,
 ) -> tuple[list[dict], dict[int, torch.Tensor]]:
@@ -123,8 +133,9 @@ def evaluate_token_budgets(
             feature extractor, the perceptual distance an embedding model).
         seed (`int`): seeds the initial noise, the same for every setting.
         max_images (`int`, *optional*): evaluate only the first this many images.
-        split (`str`): the split of a dataset name, or of a folder with split subfolders (`train/`, `val/`, ...); a
-            folder without them is the split "train" (shards always are).
+        split (`str`, *optional*): the split of a dataset name, or of a folder with split subfolders (`train/`,
+            `val/`, ...). By default a dataset's "validation", a folder's validation subfolder if it has one, else
+            all its images (the split "train" to `datasets`).
         image_column (`str`, *optional*): the image column of a dataset, found by name by default.
         keep_images (`int`): keep the first setting's reconstructions of this many images (for a grid).
 
@@ -164,6 +175,7 @@ def evaluate_token_budgets(
         check_image_count(len(images), frechet)  # before decoding, where the count is known
         images = images.split(batch_size)
     elif isinstance(images, (str, Path)):
+        split = split or evaluation_split(str(images))
         images = image_batches(str(images), model.config.image_size, batch_size, max_images, split, image_column)
     nfe = {}
     kept: dict[int, list[torch.Tensor]] = {k: [] for k in [0, *budgets]}
