@@ -311,12 +311,12 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         prefix_mask = F.pad(condition_mask, (0, 1), value=True)
         return prefix_embeds, prefix_mask
 
-    def embed_image_tokens(self, token_ids: torch.LongTensor, first_token_index: int) -> torch.Tensor:
+    def embed_image_tokens(self, token_ids: torch.LongTensor) -> torch.Tensor:
         """
-        Embeds `token_ids` `[batch, length]`, image tokens `first_token_index`, `first_token_index + 1`, ...; returns
-        `[batch, length, hidden_size]`. Token i sits in the slot that predicts token i + 1, hence position i + 1.
+        Embeds the first image tokens `token_ids` `[batch, length]`; returns `[batch, length, hidden_size]`. Token i
+        sits in the slot that predicts token i + 1, hence position i + 1.
         """
-        positions = torch.arange(token_ids.shape[1], device=token_ids.device) + first_token_index + 1
+        positions = torch.arange(1, token_ids.shape[1] + 1, device=token_ids.device)
         return self.embed_tokens(token_ids) + self.embed_positions(positions)
 
     @staticmethod
@@ -411,7 +411,7 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
             class_labels, encoder_hidden_states, encoder_attention_mask, drop_condition
         )
         # The last token is only a target: nothing after it is predicted.
-        token_embeds = self.embed_image_tokens(input_ids[:, :-1], first_token_index=0)
+        token_embeds = self.embed_image_tokens(input_ids[:, :-1])
         inputs_embeds = torch.cat([prefix_embeds, token_embeds], dim=1)
         key_padding_mask = F.pad(prefix_mask, (0, token_embeds.shape[1]), value=True)
 
