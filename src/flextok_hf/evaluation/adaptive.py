@@ -8,7 +8,6 @@ starts from the same noise, so an image's reconstruction depends only on its pre
 """
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +18,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from transformers.utils import ModelOutput
 
 from ..modeling_flextok import FlexTokModel
-from .rate_distortion import is_int, power_of_two_budgets, to_unit_range
+from ..utils import is_int, is_number
+from .rate_distortion import power_of_two_budgets, to_unit_range
 
 # Built-in targets and whether a reconstruction meets them from below (an error) or from above (a quality).
 HIGHER_IS_BETTER = {"latent_mse": False, "psnr": True}
@@ -85,7 +85,7 @@ def adaptive_tokenize(
     if not candidates or not all(is_int(k) and 1 <= k <= num_registers for k in candidates):
         raise ValueError(f"candidates must be integers in [1, {num_registers}], got {candidates}.")
     candidates = sorted({int(k) for k in candidates})
-    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not math.isfinite(target):
+    if not is_number(target) or not math.isfinite(target):
         raise ValueError(f"target must be a finite number, got {target!r}.")
     target = float(target)
     if isinstance(metric, str) and metric not in HIGHER_IS_BETTER:

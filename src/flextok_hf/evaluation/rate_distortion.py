@@ -11,7 +11,6 @@ image. Every setting draws the same initial noise, so their rows differ only by 
 import csv
 import itertools
 import json
-import numbers
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torchmetrics.regression import MeanSquaredError
 from tqdm.auto import tqdm
 
 from ..modeling_flextok import FlexTokModel
+from ..utils import is_int
 from .metrics import build_metrics, check_image_count
 
 # First- and second-order flow-matching samplers by name (the command line's --samplers).
@@ -34,11 +34,6 @@ def power_of_two_budgets(num_registers: int) -> list[int]:
     """1, 2, 4, ... up to `num_registers` (included even when it is no power of two)."""
     budgets = [2**i for i in range(num_registers.bit_length()) if 2**i <= num_registers]
     return budgets if budgets[-1] == num_registers else budgets + [num_registers]
-
-
-def is_int(value) -> bool:
-    """An integer of any type (numpy's included), but not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def image_batches(
