@@ -12,6 +12,7 @@ by one generator per row).
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Literal
@@ -21,8 +22,6 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .utils import is_int, is_number
-
 if TYPE_CHECKING:
     from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
 
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
 def check_guidance_scale(scale: float, name: str = "guidance_scale") -> None:
     """Raises `ValueError` unless `scale` is a finite number >= 0 (with plain CFG, 0 gives the unconditional
     prediction)."""
-    if not is_number(scale) or not math.isfinite(scale) or scale < 0:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
         raise ValueError(f"{name} must be a finite number >= 0 (1.0 turns guidance off), got {scale!r}.")
 
 
@@ -165,10 +164,10 @@ class TokenSampler:
         if not self.do_sample:
             return
         temperature, top_k = self.temperature, self.top_k
-        if not is_number(temperature) or not temperature > 0:
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
             raise ValueError(f"temperature must be a number > 0, got {temperature!r}.")
         object.__setattr__(self, "temperature", float(temperature))  # transformers' warper takes floats only
-        if top_k is not None and (not is_int(top_k) or top_k < 1):
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}.")
         if top_k is not None:
             object.__setattr__(self, "top_k", int(top_k))
