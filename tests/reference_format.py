@@ -273,6 +273,7 @@ _PREFIXES = {
     "decoder.blocks.": "decoder.module_dict.dec_transformer.blocks.",
     "decoder.output_adaln_modulation.": "decoder.module_dict.dec_to_patches.adaLN_modulation.1.",
     "decoder.output_proj.": "decoder.module_dict.dec_to_patches.proj.",
+    "repa_projector.": "decoder.module_dict.dec_repa_head.",  # our projector is laid out as the MLPHead
 }
 _BLOCK_NAMES = {
     "q_proj": "wq",
@@ -291,12 +292,6 @@ def reference_state_dict(model: FlexTokModel) -> dict:
     for key, tensor in model.state_dict().items():
         if key == "decoder.register_position_embeddings":
             state["decoder.module_dict.dec_registers_posemb_module.posembs"] = tensor.T[None, None].contiguous()
-            continue
-        if key.startswith("repa_projector.layers."):
-            index, rest = key.removeprefix("repa_projector.layers.").split(".", 1)
-            out_index = int(model.config.repa_projector_input_norm) + 2 * (model.config.repa_projector_num_layers - 1)
-            entry = "out_proj" if int(index) == out_index else f"mlp.{index}"
-            state[f"decoder.module_dict.dec_repa_head.{entry}.{rest}"] = tensor.contiguous()
             continue
         prefix = next(p for p in _PREFIXES if key.startswith(p))
         new_key = _PREFIXES[prefix] + key[len(prefix) :]

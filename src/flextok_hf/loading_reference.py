@@ -470,10 +470,8 @@ def convert_state_dict(reference_state: dict, names: dict, config: FlexTokConfig
         f"{dec}{names['decoder_output_head']}.adaLN_modulation.1.": "decoder.output_adaln_modulation.",
         f"{dec}{names['decoder_output_head']}.proj.": "decoder.output_proj.",
     }
-    if "repa_projector" in names:  # our `layers` list the MLPHead's `mlp` entries (norm, linear, SiLU, ...), then
-        out_index = int(config.repa_projector_input_norm) + 2 * (config.repa_projector_num_layers - 1)  # `out_proj`
-        prefixes[f"{dec}{names['repa_projector']}.mlp."] = "repa_projector.layers."
-        prefixes[f"{dec}{names['repa_projector']}.out_proj."] = f"repa_projector.layers.{out_index}."
+    if "repa_projector" in names:  # laid out as the reference's MLPHead
+        prefixes[f"{dec}{names['repa_projector']}."] = "repa_projector."
     state, unused = {}, []
     for key, tensor in reference_state.items():
         prefix = next((p for p in prefixes if key.startswith(p)), None)

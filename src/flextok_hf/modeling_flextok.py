@@ -444,8 +444,8 @@ class FlexTokREPAProjector(nn.Module):
     """REPA head (arXiv 2410.06940): an MLP from decoder patch tokens to the feature space of a frozen vision
     encoder, whose features the training loss aligns them with. Used in training only.
 
-    `layers` lists the optional input norm, the linear layers with SiLU between them, then the output layer, in the
-    order of the reference's `MLPHead` (`mlp.*`, then `out_proj`), so released REPA heads load by index."""
+    `mlp` (the optional input norm, then linear layers each followed by SiLU) and `out_proj` are laid out as the
+    reference's `MLPHead`, so released REPA heads load by name."""
 
     def __init__(self, config: FlexTokConfig):
         super().__init__()
@@ -454,12 +454,12 @@ class FlexTokREPAProjector(nn.Module):
         layers += [nn.Linear(hidden_size, projector_size), nn.SiLU()]
         for _ in range(config.repa_projector_num_layers - 2):
             layers += [nn.Linear(projector_size, projector_size), nn.SiLU()]
-        layers.append(nn.Linear(projector_size, config.repa_feature_size))
-        self.layers = nn.Sequential(*layers)
+        self.mlp = nn.Sequential(*layers)
+        self.out_proj = nn.Linear(projector_size, config.repa_feature_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`[B, N, decoder_hidden_size]` -> `[B, N, repa_feature_size]`."""
-        return self.layers(hidden_states)
+        return self.out_proj(self.mlp(hidden_states))
 
 
 def repa_alignment_loss(
