@@ -18,6 +18,7 @@ from ..configuration_flextok_ar import FlexTokARConfig
 from ..modeling_flextok import FlexTokModel
 from ..modeling_flextok_ar import FlexTokARModel
 from .config import TrainingConfig, check_model_settings
+from .pretokenize import completed_shards
 
 
 @dataclass
@@ -74,9 +75,7 @@ def build_token_stream(config: ARTrainingConfig, rank: int, world_size: int):
     """Part `rank` of `world_size` of the pre-tokenised shards, as a resumable stream (examples for
     [`collate_tokens`]). With `use_flipped_tokens`, an example's mirrored ids replace its ids in half of the passes,
     drawn from the seed, the pass (`set_epoch`) and the example's key, so that a resumed run draws the same."""
-    files = sorted(str(p) for p in Path(config.token_data).glob("shard-*.parquet"))
-    if not files:
-        raise ValueError(f"No shard-*.parquet files in {config.token_data}: run training/pretokenize.py first.")
+    files = [str(path) for path in token_shards(config.token_data)]
     dataset = load_dataset("parquet", data_files=files, split="train", streaming=True)
     dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     if config.use_flipped_tokens and "token_ids_flipped" in dataset.column_names:
@@ -91,12 +90,18 @@ def build_token_stream(config: ARTrainingConfig, rank: int, world_size: int):
     return stream
 
 
+def token_shards(token_data: str) -> list[Path]:
+    """The parquet shards that training/pretokenize.py wrote into `token_data`, in order."""
+    shards = completed_shards(token_data)
+    if not shards:
+        raise ValueError(f"No shard-*.parquet files in {token_data}: run training/pretokenize.py first.")
+    return shards
+
+
 def check_token_data(config: ARTrainingConfig, model_config: FlexTokARConfig):
     """Refuses pre-tokenised data whose ids or labels the generator cannot embed (read from the first shard), at
     the start rather than as an index error in the first step."""
-    shards = sorted(Path(config.token_data).glob("shard-*.parquet"))
-    if not shards:
-        raise ValueError(f"No shard-*.parquet files in {config.token_data}: run training/pretokenize.py first.")
+    shards = token_shards(config.token_data)
     table = pq.read_table(shards[0])
     largest_id = pc.max(pc.list_flatten(table["token_ids"])).as_py()
     if largest_id >= model_config.vocab_size:
