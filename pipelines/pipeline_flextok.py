@@ -23,7 +23,7 @@ from flextok_hf.hub_utils import ModelCardMixin
 from flextok_hf.modeling_flextok import FlexTokModel
 from flextok_hf.modeling_flextok_ar import FlexTokARModel
 from flextok_hf.sampling import FlowGuidance, TokenSampler, check_guidance_scale, flow_sigmas, set_flow_timesteps
-from flextok_hf.utils import check_num_tokens
+from flextok_hf.utils import check_num_tokens, is_int
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -100,6 +100,14 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
         """
         self.ar_model.compile_generation(**compile_kwargs)
         self.flextok.decoder.compile(**compile_kwargs)
+
+    def enable_sequential_cpu_offload(self, *args, **kwargs) -> None:
+        # accelerate would load weights leaf module by leaf module inside `forward`, but the models' own parameters
+        # (`ar_model.image_start_embedding`, the decoder's mask and null tokens) and entry points (`generate_tokens`,
+        # `guided_velocity`) lie outside every leaf's `forward`: the hooks would install, then the first call fail.
+        raise NotImplementedError(
+            "FlexTokPipeline does not support sequential CPU offload; use `enable_model_cpu_offload()` instead."
+        )
 
     @property
     def max_num_tokens(self) -> int:
@@ -188,12 +196,12 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
                     "This pipeline's ar_model is text-conditional: pass `prompt` or `prompt_embeds`, not "
                     "`class_labels`."
                 )
-            labels = [class_labels] if isinstance(class_labels, int) else class_labels
+            labels = [class_labels] if is_int(class_labels) else class_labels
             if not isinstance(labels, list) or len(labels) == 0:
                 raise ValueError(f"`class_labels` must be an int or a non-empty list of ints, got {class_labels!r}.")
             num_classes = self.ar_model.config.num_classes
             for label in labels:
-                if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_classes:
+                if not is_int(label) or not 0 <= label < num_classes:
                     raise ValueError(f"Class ids must be ints in [0, {num_classes}), got {label!r}.")
 
         if prompt_attention_mask is not None and prompt_embeds is None:
@@ -236,13 +244,16 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
             )
 
         check_num_tokens(num_tokens, self.max_num_tokens)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        if not is_int(num_images_per_prompt) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}.")
         TokenSampler(guidance_scale, True, temperature, top_k, top_p)  # raises on a bad sampling setting
         check_guidance_scale(decoder_guidance_scale, "decoder_guidance_scale")
         flow_sigmas(num_inference_steps)  # raises on a bad step count
         self.flextok.check_image_size(height, width)
         batch_size = num_prompts * num_images_per_prompt
+        generators = generator if isinstance(generator, list) else [] if generator is None else [generator]
+        if not all(isinstance(one, torch.Generator) for one in generators):
+            raise ValueError(f"`generator` must be a torch.Generator or a list of them, got {generator!r}.")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"Got a list of {len(generator)} generators for {batch_size} images; pass one generator per image "
@@ -250,6 +261,8 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
             )
         factor = self.flextok.config.vae_downsample_factor
         latent_shape = (batch_size, self.flextok.config.latent_channels, height // factor, width // factor)
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise ValueError(f"`latents` must be a torch.Tensor, got {type(latents).__name__}.")
         if latents is not None and tuple(latents.shape) != latent_shape:
             raise ValueError(f"`latents` must have shape {latent_shape}, got {tuple(latents.shape)}.")
         if output_type not in OUTPUT_TYPES:

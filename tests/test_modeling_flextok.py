@@ -10,6 +10,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteSche
 from huggingface_hub.errors import StrictDataclassError
 from reference_format import reference_config_nodes, reference_state_dict, write_hub_format, write_metadata_format
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tiny_models import random_ar_model, random_flextok_model, random_images, tiny_flextok_config
 from transformers import AutoConfig, AutoModel
 
@@ -72,6 +73,11 @@ def test_config_round_trip_and_auto_classes(tmp_path):
 def test_config_rejects_bad_fields(overrides, message):
     with pytest.raises(StrictDataclassError, match=message):
         tiny_flextok_config(**overrides)
+
+
+def test_configs_do_not_share_the_default_vae_config():
+    FlexTokConfig().vae_config["block_out_channels"][0] = 64
+    assert FlexTokConfig().vae_config["block_out_channels"] == [128, 256, 512, 512]
 
 
 def test_bad_config_json_is_refused_by_field_name(tmp_path):
@@ -467,13 +473,45 @@ def test_save_and_load_round_trip(model, images, tmp_path):
         )
 
 
+def test_missing_weights_raise_instead_of_random_init(model, images, tmp_path):
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["encoder.position_table"]  # fixed tables are rebuilt, not needed in the file
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert torch.equal(FlexTokModel.from_pretrained(tmp_path).encode(images), model.encode(images))
+    del weights["decoder.mask_token"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing 1 weights .*: decoder\.mask_token"):
+        AutoModel.from_pretrained(tmp_path)
+
+
+def test_a_repa_projector_the_config_adds_starts_new(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded, info = FlexTokModel.from_pretrained(tmp_path, repa_layer=1, repa_feature_size=8, output_loading_info=True)
+    assert loaded.repa_projector is not None and all(k.startswith("repa_projector.") for k in info["missing_keys"])
+
+
+def test_released_format_gives_loading_info(model, tmp_path):
+    write_hub_format(model, tmp_path)
+    loaded, info = FlexTokModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(loaded, FlexTokModel) and info["missing_keys"] == [] and info["mismatched_keys"] == []
+
+
+def test_image_sizes_must_be_ints(model):
+    with pytest.raises(ValueError, match="positive multiples"):
+        model.check_image_size(16.0, 16)
+
+
 def test_load_in_bfloat16(model, images, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = FlexTokModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert loaded.decoder.patch_embed.weight.dtype == torch.bfloat16
     ids = loaded.encode(images)
     out = loaded.decode(ids[:, :4], num_inference_steps=1, generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(out.images.float()).all()
+    assert torch.isfinite(out.images.float()).all() and out.images.dtype == torch.bfloat16
+    loaded.vae.float()  # documented: a float32 VAE with bfloat16 transformers
+    out = loaded.decode(loaded.encode(images)[:, :4], num_inference_steps=1)
+    assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
 
 
 # ------------------------------------------------------------------------------- the reference's formats

@@ -512,6 +512,16 @@ def test_from_pretrained_round_trip(class_pipe, saved_class_pipe):
     assert_same_outputs(class_outputs(class_pipe), class_outputs(loaded))
 
 
+def test_variant_and_shard_size_reach_the_models(class_pipe, tmp_path):
+    quiet(class_pipe).save_pretrained(tmp_path, variant="fp16", max_shard_size="20KB")
+    for component in ("ar_model", "flextok"):
+        names = sorted(path.name for path in (tmp_path / component).iterdir())
+        assert "model.safetensors.index.fp16.json" in names, names  # sharded, with the variant in the names
+        assert not any(name == "model.safetensors" for name in names)
+    loaded = quiet(FlexTokPipeline.from_pretrained(tmp_path, variant="fp16"))
+    assert_same_outputs(class_outputs(class_pipe), class_outputs(loaded))
+
+
 @pytest.mark.parametrize(
     "custom_pipeline",
     [os.path.join(PIPELINES_DIR, "pipeline_flextok.py"), PIPELINES_DIR, "pipeline_flextok"],
@@ -594,6 +604,10 @@ def test_model_cpu_offload(saved_class_pipe, class_pipe):
         (dict(class_labels=1, top_p=1.5), r"top_p must lie in \(0, 1\]"),
         (dict(class_labels=1, height=10), "multiples of 4"),
         (dict(class_labels=[1, 2], latents=torch.zeros(1, 4, 8, 8)), r"latents` must have shape \(2, 4, 8, 8\)"),
+        (dict(class_labels=1, latents=np.zeros((1, 4, 8, 8))), "`latents` must be a torch.Tensor"),
+        (dict(class_labels=[1, 2], generator=(seeded(0), seeded(1))), "`generator` must be a torch.Generator"),
+        (dict(class_labels=1, generator=0), "`generator` must be a torch.Generator"),
+        (dict(class_labels=[1, 2], generator=[seeded(0), 1]), "`generator` must be a torch.Generator"),
         (dict(class_labels=1, callback_on_step_end_tensor_inputs=["tokens"]), "callback_on_step_end_tensor_inputs"),
         (dict(prompt_embeds=torch.zeros(1, 2, 384)), "class-conditional"),
         (dict(class_labels=1, negative_prompt="blurry"), "no `negative_prompt` with `class_labels`"),
@@ -654,6 +668,21 @@ def test_encode_prompt_without_text_encoder_or_prompt(text_pipe):
         pipe.encode_prompt("a bird")
     with pytest.raises(ValueError, match="Pass `prompt` or `prompt_embeds`"):
         text_pipe.encode_prompt()
+
+
+def test_numpy_integers_are_class_labels_and_counts(class_pipe):
+    expected = class_outputs(class_pipe, class_labels=[207, 207], num_tokens=3)
+    for class_labels in (np.int64(207), [np.int64(207)]):
+        output = class_outputs(class_pipe, class_labels=class_labels, num_images_per_prompt=np.int64(2), num_tokens=3)
+        assert_same_outputs(output, expected)
+
+
+def test_sequential_cpu_offload_is_refused(class_pipe, saved_class_pipe):
+    # Refused before any hook is installed, so the pipeline still generates (accelerate's hooks would break it).
+    pipe = quiet(FlexTokPipeline.from_pretrained(saved_class_pipe))
+    with pytest.raises(NotImplementedError, match="enable_model_cpu_offload"):
+        pipe.enable_sequential_cpu_offload(device="cpu")
+    assert_same_outputs(class_outputs(pipe), class_outputs(class_pipe))
 
 
 def test_an_integer_temperature_is_a_temperature(class_pipe):

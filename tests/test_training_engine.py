@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
 
 from flextok_hf.training.checkpointing import (
     list_checkpoints,
@@ -15,6 +16,7 @@ from flextok_hf.training.checkpointing import (
 )
 from flextok_hf.training.config import parse_config
 from flextok_hf.training.tokenizer import TokenizerTrainingConfig
+from flextok_hf.training.trainer import InPlaceEMAModel
 
 
 def test_config_from_yaml_with_overrides(tmp_path):
@@ -121,3 +123,23 @@ def test_on_the_fly_tokenizer_must_fit_the_generator(tmp_path, overrides, messag
     )
     with pytest.raises(ValueError, match=message):
         load_frozen_tokenizer(config, tiny_ar_config(vocab_size=overrides.get("vocab_size", 1000)), "cpu")
+
+
+def test_in_place_ema_matches_diffusers_ema_model():
+    torch.manual_seed(0)
+    parameters = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    ours = InPlaceEMAModel(parameters, decay=0.9, use_ema_warmup=True, power=0.75)
+    theirs = EMAModel(parameters, decay=0.9, use_ema_warmup=True, power=0.75, foreach=True)
+    for _ in range(5):
+        with torch.no_grad():
+            for parameter in parameters:
+                parameter.add_(torch.randn_like(parameter))
+        ours.step(parameters)
+        theirs.step(parameters)
+        assert ours.cur_decay_value == theirs.cur_decay_value
+        for mine, reference in zip(ours.shadow_params, theirs.shadow_params, strict=True):
+            torch.testing.assert_close(mine, reference)
+    assert not any(torch.equal(s, p) for s, p in zip(ours.shadow_params, parameters, strict=True))  # it averaged
+    frozen = [torch.zeros(2, requires_grad=False)]
+    with pytest.raises(ValueError, match="trainable parameters only"):
+        InPlaceEMAModel(frozen).step(frozen)

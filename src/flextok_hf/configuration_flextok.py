@@ -1,5 +1,6 @@
 """FlexTok tokenizer configuration."""
 
+import copy
 import math
 from dataclasses import field
 from typing import Literal
@@ -106,7 +107,8 @@ class FlexTokConfig(PreTrainedConfig):
     repa_loss_weight: int | float = interval(min=0)(default=1.0)
 
     def __post_init__(self, **kwargs):
-        self.vae_config = dict(self.vae_config if self.vae_config is not None else DEFAULT_VAE_CONFIG)
+        # A deep copy: the default's nested lists (block_out_channels, ...) must not be shared between configs.
+        self.vae_config = copy.deepcopy(self.vae_config if self.vae_config is not None else DEFAULT_VAE_CONFIG)
         if self.vae_scaling_factor is None:
             self.vae_scaling_factor = float(self.vae_config.get("scaling_factor", 1.0))
         super().__post_init__(**kwargs)

@@ -176,7 +176,13 @@ class ModelCardMixin:
     `save_pretrained` also writes `create_model_card(self)` as README.md, and `push_to_hub` uploads what
     `save_pretrained` writes, card included."""
 
-    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+    def save_pretrained(
+        self, save_directory, *args, push_to_hub: bool = False, variant=None, max_shard_size=None, **kwargs
+    ):
+        # Named, not left in kwargs: a diffusers pipeline passes them only to components whose signature names them.
+        kwargs.update(
+            {k: v for k, v in {"variant": variant, "max_shard_size": max_shard_size}.items() if v is not None}
+        )
         upload_kwargs = {key: kwargs.pop(key) for key in UPLOAD_KWARGS if key in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)
         if not kwargs.get("is_main_process", True):

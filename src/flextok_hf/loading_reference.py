@@ -492,7 +492,8 @@ def convert_state_dict(reference_state: dict, names: dict, config: FlexTokConfig
 def load_reference_checkpoint(model_class, checkpoint: Checkpoint, vae_config=None, **kwargs):
     """Builds `model_class` (a `FlexTokModel`) from a released-format `checkpoint` found by `find_checkpoint`.
     Honours the Hub arguments of `from_pretrained` (also for the VAE repo the config names), `torch_dtype` (or
-    `dtype`) and `device_map` given as one device."""
+    `dtype`) and `device_map` given as one device. Returns the model and its loading info (transformers' keys;
+    `unexpected_keys` are the checkpoint's weights the model has no place for)."""
     nodes, weights_file = checkpoint.nodes, checkpoint.weights_file
     vae_hub_kwargs = {key: kwargs[key] for key in VAE_HUB_KWARGS if key in kwargs}
     config, names = parse_reference_config(nodes, vae_config, weights_file.parent, **vae_hub_kwargs)
@@ -522,6 +523,7 @@ def load_reference_checkpoint(model_class, checkpoint: Checkpoint, vae_config=No
             )
     if unused:
         logger.warning(f"Unused weights in {weights_file}: {sorted(unused)}")
+    loading_info = {"missing_keys": [], "unexpected_keys": sorted(unused), "mismatched_keys": [], "error_msgs": []}
     model.load_state_dict({k: v for k, v in state.items() if k in expected})
 
     dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
@@ -532,4 +534,4 @@ def load_reference_checkpoint(model_class, checkpoint: Checkpoint, vae_config=No
     device = kwargs.get("device_map")
     if isinstance(device, (str, torch.device, int)) and device != "auto":
         model = model.to(device)
-    return model.eval()
+    return model.eval(), loading_info

@@ -29,6 +29,7 @@ from .configuration_flextok import FlexTokConfig
 from .hub_utils import ModelCardMixin
 from .loading_reference import find_checkpoint, load_reference_checkpoint
 from .sampling import FlowGuidance, set_flow_timesteps
+from .utils import is_int
 
 if TYPE_CHECKING:
     from .evaluation.adaptive import AdaptiveTokenizationOutput
@@ -549,12 +550,14 @@ class FlexTokModel(FlexTokPreTrainedModel):
         dict, a JSON file or a folder) stands in for the VAE repo the checkpoint names; by default it is looked up
         beside the checkpoint, then in that repo.
         """
+        output_loading_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("config") is not None:  # a given config means our format
             checkpoint = None
         else:
             checkpoint = find_checkpoint(pretrained_model_name_or_path, **kwargs)
             if checkpoint.is_reference_format:
-                return load_reference_checkpoint(cls, checkpoint, vae_config, **kwargs)
+                model, loading_info = load_reference_checkpoint(cls, checkpoint, vae_config, **kwargs)
+                return (model, loading_info) if output_loading_info else model
             kwargs["config"] = checkpoint.config_file  # read once: transformers need not resolve it again
         if vae_config is not None:
             raise ValueError(
@@ -562,11 +565,28 @@ class FlexTokModel(FlexTokPreTrainedModel):
                 "is not one (our format keeps the VAE config in its config.json)."
             )
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
         except SafetensorError:  # its message does not say which file: find it
             if checkpoint is not None:
                 checkpoint.check_weights()
             raise
+        # transformers only warns and initialises missing weights at random: wrong tokens and images, unnoticed.
+        # Rebuilt or new instead: the fixed sin-cos position tables, and a REPA projector the config adds (a
+        # training-only head, as for fine-tuning with REPA).
+        missing = sorted(
+            key
+            for key in loading_info["missing_keys"]
+            if not key.endswith("position_table") and not key.startswith("repa_projector.")
+        )
+        if missing:
+            shown = ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else "")
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is missing {len(missing)} weights of the model its config describes: "
+                f"{shown}."
+            )
+        return (model, loading_info) if output_loading_info else model
 
     def get_input_embeddings(self) -> nn.Linear:
         """The encoder's patch embedding, the layer that turns the input into tokens (what transformers' vision models
@@ -597,7 +617,12 @@ class FlexTokModel(FlexTokPreTrainedModel):
     def check_image_size(self, height: int, width: int):
         multiple = self.config.image_multiple
         largest = self.config.max_grid_size * multiple
-        if not (0 < height <= largest and 0 < width <= largest) or height % multiple or width % multiple:
+        if (
+            not (is_int(height) and is_int(width))
+            or not (0 < height <= largest and 0 < width <= largest)
+            or height % multiple
+            or width % multiple
+        ):
             raise ValueError(
                 f"image height and width must be positive multiples of {multiple} (VAE factor "
                 f"{self.config.vae_downsample_factor} x patch size {self.config.patch_size}) and at most {largest}, "

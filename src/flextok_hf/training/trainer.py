@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,23 @@ LossFunction = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[st
 
 
 LOG_FILE = "logs.jsonl"
+
+
+class InPlaceEMAModel(EMAModel):
+    """diffusers' `EMAModel` (its decay schedule, warm-up and attributes) with a cheaper update for trainable
+    parameters: one in-place lerp per tensor. Its own foreach update first materialises `shadow - parameter` for
+    every tensor at once, a second copy of the weights (10 GB at 2.5 B parameters), and reads the weights three
+    times instead of twice; at d18-d28 it took 23 ms of each H100 step."""
+
+    @torch.no_grad()
+    def step(self, parameters: Iterable[nn.Parameter]):
+        parameters = list(parameters)
+        if not all(parameter.requires_grad for parameter in parameters):
+            raise ValueError("InPlaceEMAModel averages trainable parameters only; pass those (trainable_parameters).")
+        self.optimization_step += 1
+        self.cur_decay_value = self.get_decay(self.optimization_step)
+        # shadow - (1 - decay) * (shadow - parameter), as in EMAModel.step
+        torch._foreach_lerp_(self.shadow_params, parameters, 1 - self.cur_decay_value)
 
 
 @dataclass
@@ -382,8 +399,8 @@ def prepare_training(config: TrainingConfig, accelerator: Accelerator, model: nn
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema = None
     if config.use_ema:
-        ema = EMAModel(  # its shadow weights are copies of the prepared (on-device) parameters
-            trainable_parameters(model), decay=config.ema_decay, use_ema_warmup=config.ema_warmup, foreach=True
+        ema = InPlaceEMAModel(  # its shadow weights are copies of the prepared (on-device) parameters
+            trainable_parameters(model), decay=config.ema_decay, use_ema_warmup=config.ema_warmup
         )
     return model, optimizer, lr_scheduler, ema
 
