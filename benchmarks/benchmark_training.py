@@ -2,7 +2,7 @@
 `optimizer_step`: accelerate, bf16 mixed precision, AdamW, clipping, EMA), with and without `torch.compile`.
 
     python benchmarks/benchmark_training.py [--tokenizer-batch 32] [--ar-batch 64] [--accumulation 1] [--steps 10] \
-        [--output FILE.json]
+        [--stages tokenizer ar] [--modes eager compiled] [--output FILE.json]
 
 Stage 1: FlexTok d18-d28 (released shape, VAE frozen, random images 256x256), images/s. Stage 2: the AR generator
 at the paper's largest size (hidden 2048, 24 layers, 64000 ids, 256 tokens), tokens/s. MFU = FLOPs of one
@@ -15,6 +15,7 @@ Prints a table; writes the rows as JSON.
 import argparse
 import gc
 import json
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -62,7 +63,7 @@ def ar_case(batch: int):
 
 
 def measure(case, compile_model: bool, steps: int, flops: float | None, accumulation: int = 1) -> dict:
-    """One row; `flops` of a step is counted here when not given (eagerly: the counter sees no compiled kernels)."""
+    """One row; `flops` of a step is counted here when not given (eagerly, also for a compiled model)."""
     name, model, batch, loss_fn, items_per_step, unit = case
     config = TrainingConfig(
         mixed_precision="bf16",
@@ -85,7 +86,7 @@ def measure(case, compile_model: bool, steps: int, flops: float | None, accumula
     torch.cuda.synchronize()
     first_s = time.perf_counter() - start
     if flops is None:
-        with FlopCounterMode(display=False) as counter:
+        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
             optimizer_step(config, accelerator, model, optimizer, lr_scheduler, loss_fn, stream)
         flops = counter.get_total_flops()
     step()
@@ -119,6 +120,7 @@ def main():
     parser.add_argument("--accumulation", type=int, default=1, help="batches per optimiser step")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--stages", nargs="+", default=["tokenizer", "ar"], choices=["tokenizer", "ar"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -126,7 +128,7 @@ def main():
     rows = []
     for stage in args.stages:
         flops = None
-        for compile_model in (False, True):
+        for compile_model in [mode == "compiled" for mode in args.modes]:
             torch.manual_seed(0)
             case = tokenizer_case(args.tokenizer_batch) if stage == "tokenizer" else ar_case(args.ar_batch)
             rows.append(measure(case, compile_model, args.steps, flops, args.accumulation))
@@ -145,9 +147,7 @@ def main():
             "device": torch.cuda.get_device_name(),
             "torch": torch.__version__,
             "date": date.today().isoformat(),
-            "command": "python benchmarks/benchmark_training.py "
-            f"--tokenizer-batch {args.tokenizer_batch} --ar-batch {args.ar_batch} --accumulation {args.accumulation} "
-            f"--steps {args.steps}",
+            "command": " ".join(["python", *sys.argv]),
             "rows": rows,
         }
         args.output.parent.mkdir(parents=True, exist_ok=True)
