@@ -257,6 +257,16 @@ def test_gradient_checkpointing_gives_the_same_loss():
     assert model.lm_head.weight.grad is not None
 
 
+def test_int32_token_ids_give_the_int64_loss():
+    # input_ids and labels may be int32 (validation allows it); the loss must not refuse int32 targets.
+    model = random_ar_model()
+    tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
+    with torch.no_grad():
+        expected = model(tokens, labels=tokens, **class_condition()).loss
+        loss = model(tokens.int(), labels=tokens.int(), **class_condition()).loss
+    torch.testing.assert_close(loss, expected)
+
+
 def test_labels_ignore_index():
     model = random_ar_model()
     tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
@@ -371,6 +381,11 @@ LABELS = torch.tensor([3, 7])
         (dict(input_ids=TOKENS, class_labels=torch.tensor([1, 2, 3])), "batch size"),
         (dict(input_ids=TOKENS, class_labels=LABELS, labels=TOKENS[:, :4]), "shape of input_ids"),
         (dict(input_ids=TOKENS, class_labels=LABELS, drop_condition=torch.ones(2)), "drop_condition"),
+        # Plain Python values get the same ValueError as tensors of the wrong kind, not an AttributeError.
+        (dict(input_ids=TOKENS.tolist(), class_labels=LABELS), "input_ids must be an integer tensor"),
+        (dict(input_ids=TOKENS, class_labels=[3, 7]), "class_labels must be an integer tensor"),
+        (dict(input_ids=TOKENS, class_labels=3), "class_labels must be an integer tensor"),
+        (dict(input_ids=TOKENS, class_labels=LABELS, drop_condition=[True, False]), "drop_condition must be a bool"),
     ],
 )
 def test_bad_class_inputs_raise(arguments, message):
@@ -388,6 +403,13 @@ def test_bad_class_inputs_raise(arguments, message):
         (
             dict(
                 input_ids=TOKENS, encoder_hidden_states=torch.zeros(2, 3, 384), encoder_attention_mask=torch.ones(2, 4)
+            ),
+            "encoder_attention_mask must have shape",
+        ),
+        (dict(input_ids=TOKENS, encoder_hidden_states=torch.zeros(2, 3, 384).tolist()), "encoder_hidden_states must"),
+        (
+            dict(
+                input_ids=TOKENS, encoder_hidden_states=torch.zeros(2, 3, 384), encoder_attention_mask=[[1, 1, 1]] * 2
             ),
             "encoder_attention_mask must have shape",
         ),
@@ -484,6 +506,7 @@ TEXT_STATES = torch.zeros(2, 3, 384)
         (dict(negative_encoder_attention_mask=torch.ones(2, 3)), "needs negative_encoder_hidden_states"),
         (dict(generator=[torch.Generator()]), "one torch.Generator per sample"),
         (dict(generator=[torch.Generator(), 0]), "one torch.Generator per sample"),
+        (dict(generator=0), "generator must be a torch.Generator"),
     ],
 )
 def test_bad_negative_text_and_generators_raise(arguments, message):

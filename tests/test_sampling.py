@@ -1,11 +1,14 @@
 """Tests of the samplers in flextok_hf.sampling, on small tensors."""
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from tiny_models import random_flextok_model
 
 from flextok_hf.sampling import (
     FlowGuidance,
@@ -137,6 +140,27 @@ def test_unknown_guidance_method():
         FlowGuidance(method="pag")
 
 
+@pytest.mark.parametrize("method", ["apg", "cfg"])
+def test_documented_decoder_loop_is_decode(method):
+    """docs/generation.md's sampling loop, on a tiny model and 16x16 images: it is `decode`, and like `decode` keeps
+    no autograd graph (which would hold every step's activations)."""
+    docs = (Path(__file__).parents[1] / "docs" / "generation.md").read_text()
+    (loop,) = [block for block in re.findall(r"```python\n(.*?)```", docs, re.S) if "set_flow_timesteps(" in block]
+    loop = loop.replace("FlowGuidance(scale=5.0, momentum=-0.3)", f"FlowGuidance(7.5, {method!r})")
+    loop = loop.replace("256, 256", "16, 16").replace(
+        "set_flow_timesteps(scheduler, 25)", "set_flow_timesteps(scheduler, 3)"
+    )
+    flextok, token_ids = random_flextok_model(), torch.randint(0, 1000, (2, 4), generator=seeded(0))
+    namespace = {"flextok": flextok, "token_ids": token_ids, "generator": seeded(1)}
+    exec(loop, namespace)
+    images = namespace["images"]
+    expected = flextok.decode(
+        token_ids, num_inference_steps=3, guidance_scale=7.5, norm_guidance=method == "apg", generator=seeded(1)
+    ).images
+    assert not images.requires_grad
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------- tokens
 
 
@@ -183,6 +207,8 @@ def test_token_sampler_takes_an_integer_temperature():
         (dict(top_k=5.0), "top_k must be an integer >= 1"),
         (dict(top_p=0.0), r"top_p must lie in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p must lie in \(0, 1\]"),
+        (dict(top_p="0.5"), r"top_p must lie in \(0, 1\]"),
+        (dict(top_p=True), r"top_p must lie in \(0, 1\]"),
     ],
 )
 def test_token_sampler_rejects_bad_settings(settings, message):

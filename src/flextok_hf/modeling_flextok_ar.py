@@ -21,6 +21,11 @@ from .utils import check_num_tokens
 MAX_COMPILED_SHAPES = 64
 
 
+def _describe(value) -> str:
+    """A tensor's dtype and shape, or another value's type, for error messages."""
+    return f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 class FlexTokARMLP(nn.Module):
     """SwiGLU feed-forward block; the gate and up projections are one GEMM."""
 
@@ -159,10 +164,12 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         self, token_ids: torch.Tensor, name: str, allow_ignore_index: bool = False, check_values: bool = True
     ) -> None:
         vocab_size = self.config.vocab_size
-        if token_ids.dim() != 2 or token_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"{name} must be an integer tensor [batch, num_tokens], got {token_ids.dtype} {tuple(token_ids.shape)}."
-            )
+        if (
+            not isinstance(token_ids, torch.Tensor)
+            or token_ids.dim() != 2
+            or token_ids.dtype not in (torch.int32, torch.int64)
+        ):
+            raise ValueError(f"{name} must be an integer tensor [batch, num_tokens], got {_describe(token_ids)}.")
         if not 1 <= token_ids.shape[1] <= self.config.max_position_embeddings:
             raise ValueError(
                 f"{name} must hold 1 to max_position_embeddings={self.config.max_position_embeddings} tokens per "
@@ -188,10 +195,10 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
         check_values: bool = True,
     ) -> int:
         """Validates text encoder states named `{prefix}hidden_states` and their mask; returns the batch size."""
-        if hidden_states.dim() != 3 or hidden_states.shape[1] == 0:
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 or hidden_states.shape[1] == 0:
             raise ValueError(
                 f"{prefix}hidden_states must have shape [batch, text_length >= 1, text_hidden_size], got "
-                f"{tuple(hidden_states.shape)}."
+                f"{_describe(hidden_states)}."
             )
         if hidden_states.shape[-1] != self.config.text_hidden_size:
             raise ValueError(
@@ -199,10 +206,10 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                 f"got {hidden_states.shape[-1]}."
             )
         if attention_mask is not None:
-            if attention_mask.shape != hidden_states.shape[:2]:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != hidden_states.shape[:2]:
                 raise ValueError(
                     f"{prefix}attention_mask must have shape {tuple(hidden_states.shape[:2])} [batch, text_length], "
-                    f"got {tuple(attention_mask.shape)}."
+                    f"got {_describe(attention_mask)}."
                 )
             if check_values and not bool(attention_mask.bool().any(dim=1).all()):
                 raise ValueError(
@@ -243,11 +250,12 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                 )
             if encoder_attention_mask is not None:
                 raise ValueError("encoder_attention_mask is only for text-conditional models.")
-            if class_labels.dim() != 1 or class_labels.dtype not in (torch.int32, torch.int64):
-                raise ValueError(
-                    "class_labels must be an integer tensor [batch], got "
-                    f"{class_labels.dtype} {tuple(class_labels.shape)}."
-                )
+            if (
+                not isinstance(class_labels, torch.Tensor)
+                or class_labels.dim() != 1
+                or class_labels.dtype not in (torch.int32, torch.int64)
+            ):
+                raise ValueError(f"class_labels must be an integer tensor [batch], got {_describe(class_labels)}.")
             if check_values and not bool(((class_labels >= 0) & (class_labels < self.config.num_classes)).all()):
                 raise ValueError(
                     f"class_labels must lie in [0, {self.config.num_classes}), got values from "
@@ -255,11 +263,12 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                     "class."
                 )
             batch_size = class_labels.shape[0]
-        if drop_condition is not None and (drop_condition.dtype != torch.bool or drop_condition.shape != (batch_size,)):
-            raise ValueError(
-                f"drop_condition must be a bool tensor [{batch_size}], got "
-                f"{drop_condition.dtype} {tuple(drop_condition.shape)}."
-            )
+        if drop_condition is not None and (
+            not isinstance(drop_condition, torch.Tensor)
+            or drop_condition.dtype != torch.bool
+            or drop_condition.shape != (batch_size,)
+        ):
+            raise ValueError(f"drop_condition must be a bool tensor [{batch_size}], got {_describe(drop_condition)}.")
         return batch_size
 
     def embed_prefix(
@@ -423,7 +432,9 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(logits.device), ignore_index=-100)
+            # cross_entropy takes int64 targets only; labels may be int32 like input_ids.
+            targets = labels.flatten().to(device=logits.device, dtype=torch.long)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
     def _join_text_batches(
@@ -541,6 +552,10 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                     f"A list of generators needs one torch.Generator per sample: expected {batch_size}, got "
                     f"{len(generator)} entries."
                 )
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"generator must be a torch.Generator or a list of one per sample, got {type(generator).__name__}."
+            )
 
         drop_condition = None
         if sampler.is_guided:

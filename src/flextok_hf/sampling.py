@@ -171,8 +171,9 @@ class TokenSampler:
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}.")
         if top_k is not None:
             object.__setattr__(self, "top_k", int(top_k))
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}.")
+        top_p = self.top_p
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}.")
 
     @property
     def is_guided(self) -> bool:
