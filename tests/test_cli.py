@@ -139,6 +139,24 @@ def test_tokenize_then_detokenize(model, model_dir, images, tmp_path, capsys, su
         np.testing.assert_array_equal(np.asarray(PIL.Image.open(out_dir / f"{name}.png")), np.asarray(image))
 
 
+def test_tokenize_with_posterior_samples_is_seeded_per_image(images, tmp_path, capsys):
+    folder, pixels = images
+    sampling = random_flextok_model(vae_sample_posterior=True)
+    sampling.save_pretrained(tmp_path / "model")
+    token_ids = {}
+    for batch_size in (1, 3):
+        tokens = tmp_path / f"tokens_{batch_size}.safetensors"
+        argv = ["tokenize", folder, "--output", tokens, "--resize", "none", "--model", tmp_path / "model", "--seed", 5]
+        assert run([*argv, "--batch-size", batch_size], capsys)[0] == 0
+        token_ids[batch_size] = read_tokens(tokens)[1]
+    # One generator from --seed, drawn image after image whatever the batches (compared per batch size: the VAE's
+    # rounding differs between batch sizes).
+    assert token_ids[3] == sampling.encode(pixels, generator=seeded(5)).tolist()
+    generator = seeded(5)
+    assert token_ids[1] == [sampling.encode(image[None], generator=generator)[0].tolist() for image in pixels]
+    assert token_ids[3] != sampling.encode(pixels, generator=seeded(6)).tolist()  # the samples do depend on the seed
+
+
 def test_adaptive_tokenize_meets_its_target(model, model_dir, images, tmp_path, capsys):
     folder, pixels = images
     tokens = tmp_path / "adaptive.parquet"

@@ -698,3 +698,14 @@ def test_posterior_samples_follow_the_generator(images):
         return model.encode(images, return_dict=True, generator=torch.Generator().manual_seed(seed)).latents
 
     assert torch.equal(latents(0), latents(0)) and not torch.equal(latents(0), latents(1))
+    # Drawn image by image: one generator per image gives each image the sample it gets alone.
+    alone = [
+        model.encode(images[i : i + 1], return_dict=True, generator=torch.Generator().manual_seed(i)).latents
+        for i in range(len(images))
+    ]
+    together = model.encode(
+        images, return_dict=True, generator=[torch.Generator().manual_seed(i) for i in range(len(images))]
+    ).latents
+    torch.testing.assert_close(together, torch.cat(alone))  # equal noise; the VAE rounds batches differently
+    with pytest.raises(ValueError, match="generators for a batch"):
+        model.encode(images, generator=[torch.Generator()])

@@ -418,7 +418,7 @@ def tokenize(args):
     with progress_bar(total, "Tokenizing") as bar:
         for batch_names, images in image_batches(args, files, model):
             if args.target is None:
-                sequences += list(model.encode(images)[:, :num_tokens].cpu())
+                sequences += list(model.encode(images, generator=generator)[:, :num_tokens].cpu())
             else:
                 adaptive = model.encode(
                     images,

@@ -676,12 +676,21 @@ class FlexTokModel(FlexTokPreTrainedModel):
 
     # ------------------------------------------------------------------------------------------ tokenizer
 
-    def encode_latents(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_latents(
+        self, images: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> torch.Tensor:
         """Images `[B, 3, H, W]` in [-1, 1] -> scaled VAE latents `[B, C, H/f, W/f]` (posterior mean unless
-        `config.vae_sample_posterior`, then a sample drawn from `generator`)."""
+        `config.vae_sample_posterior`, then a sample drawn image by image from `generator`, or one per image)."""
         posterior = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
-        latents = posterior.sample(generator) if self.config.vae_sample_posterior else posterior.mode()
-        return latents * self.config.vae_scaling_factor
+        if not self.config.vae_sample_posterior:
+            return posterior.mode() * self.config.vae_scaling_factor
+        # Image by image, like the decoder's noise: a sample does not depend on the batch the image came in.
+        generators = generator if isinstance(generator, list) else [generator] * len(images)
+        if len(generators) != len(images):
+            raise ValueError(f"Got {len(generators)} generators for a batch of {len(images)} images.")
+        shape, mean = (1, *posterior.mean.shape[1:]), posterior.mean
+        noise = torch.cat([randn_tensor(shape, generator=g, device=mean.device, dtype=mean.dtype) for g in generators])
+        return (mean + posterior.std * noise) * self.config.vae_scaling_factor
 
     @apply_forward_hook
     def encode(
@@ -690,7 +699,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
         return_dict: bool = False,
         target: float | None = None,
         metric: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "latent_mse",
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         **adaptive_kwargs,
     ) -> "torch.LongTensor | FlexTokEncoderOutput | AdaptiveTokenizationOutput":
         """Tokenize images, into all `num_registers` tokens each or, given a quality `target`, into per image the
@@ -705,7 +714,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
                 binary search, one batched `decode` per round).
             metric (`str` or callable): with `target`: "latent_mse" (at most `target`), "psnr" (dB, at least
                 `target`) or a callable distance, as `adaptive_tokenize` takes it.
-            generator (`torch.Generator`, *optional*): draws the VAE posterior samples when
+            generator (`torch.Generator`, *optional*): draws the VAE posterior samples, image by image, when
                 `config.vae_sample_posterior` (else unused); with `target`, the search's decoder noise too.
             adaptive_kwargs: with `target`, the other options of `adaptive_tokenize`: `candidates`, `refine`,
                 `num_inference_steps`, `guidance_scale`, `norm_guidance`.
@@ -877,8 +886,8 @@ class FlexTokModel(FlexTokPreTrainedModel):
     def reconstruct(self, images: torch.Tensor, num_tokens: int | list[int] | None = None, **decode_kwargs):
         """Encode images and decode the first `num_tokens` tokens of each: an int, one int per image, or `None` for
         all `config.num_registers`. `decode_kwargs` go to [`~FlexTokModel.decode`] (its height and width default to
-        the input's)."""
-        token_ids = self.encode(images)
+        the input's); its `generator` also draws the VAE posterior samples (`config.vae_sample_posterior`)."""
+        token_ids = self.encode(images, generator=decode_kwargs.get("generator"))
         num_registers = self.config.num_registers
         lengths = torch.as_tensor(num_registers if num_tokens is None else num_tokens)
         if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.ndim > 1:

@@ -37,7 +37,7 @@ def reconstruction_grid(
     lengths = [check_num_tokens(k, model.config.num_registers) for k in num_tokens]
     size = model.config.image_size
     pixels = model.image_processor.preprocess(photo, height=size, width=size, resize_mode="crop").to(model.device)
-    token_ids = model.encode(pixels)[0]
+    token_ids = model.encode(pixels, generator=decode_kwargs.get("generator"))[0]
     reconstructions = model.decode([token_ids[:k] for k in lengths], output_type="pt", **decode_kwargs).images
     row = torch.cat([pixels, reconstructions.to(pixels.dtype)]).float()
     grid = model.image_processor.postprocess(torch.cat(list(row), dim=2)[None], output_type="pil")[0]
