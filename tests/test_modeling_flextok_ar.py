@@ -246,15 +246,23 @@ def test_overfits_a_tiny_batch_text(text_condition):
     assert losses[-1] < 0.25 * losses[0]
 
 
-def test_gradient_checkpointing_gives_the_same_loss():
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     model = random_ar_model(class_dropout_prob=0.0).train()
     tokens = torch.randint(0, VOCAB_SIZE, (2, MAX_TOKENS))
-    loss = model(tokens, labels=tokens, **class_condition()).loss
+
+    def loss_and_gradients():
+        model.zero_grad()
+        loss = model(tokens, labels=tokens, **class_condition()).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    loss, gradients = loss_and_gradients()
     model.activation_checkpointing_enable()
-    checkpointed = model(tokens, labels=tokens, **class_condition()).loss
-    checkpointed.backward()
-    torch.testing.assert_close(checkpointed, loss)
-    assert model.lm_head.weight.grad is not None
+    checkpointed_loss, checkpointed_gradients = loss_and_gradients()
+    torch.testing.assert_close(checkpointed_loss, loss)
+    assert checkpointed_gradients.keys() == gradients.keys() and "lm_head.weight" in gradients
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(checkpointed_gradients[name], gradient, msg=name)
 
 
 def test_int32_token_ids_give_the_int64_loss():
