@@ -1,6 +1,7 @@
 """The shared training machinery: configs, atomic checkpoints, the loop's optimiser/EMA/resume logic."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import yaml
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
+from flextok_hf.training.ar import ARTrainingConfig, build_ar_model
 from flextok_hf.training.checkpointing import (
     list_checkpoints,
     load_checkpoint,
@@ -15,8 +17,10 @@ from flextok_hf.training.checkpointing import (
     save_checkpoint,
 )
 from flextok_hf.training.config import parse_config
-from flextok_hf.training.tokenizer import TokenizerTrainingConfig
+from flextok_hf.training.tokenizer import TokenizerTrainingConfig, build_tokenizer
 from flextok_hf.training.trainer import InPlaceEMAModel
+
+TOKENIZER_CONFIG = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "tokenizer_tiny_cpu.yaml")
 
 
 def test_config_from_yaml_with_overrides(tmp_path):
@@ -143,3 +147,16 @@ def test_in_place_ema_matches_diffusers_ema_model():
     frozen = [torch.zeros(2, requires_grad=False)]
     with pytest.raises(ValueError, match="trainable parameters only"):
         InPlaceEMAModel(frozen).step(frozen)
+
+
+def test_gradient_checkpointing_setting_checkpoints_every_block():
+    tokenizer_config = parse_config(
+        TokenizerTrainingConfig, ["--config", TOKENIZER_CONFIG, "--train_data", "unused", "--gradient_checkpointing"]
+    )
+    tokenizer, _ = build_tokenizer(tokenizer_config)
+    blocks = [*tokenizer.encoder.blocks, *tokenizer.decoder.blocks]
+    assert blocks and all(block.gradient_checkpointing for block in blocks)
+    ar_config = ARTrainingConfig(model=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2),
+                                 gradient_checkpointing=True, token_data="unused")  # fmt: skip
+    layers = build_ar_model(ar_config).layers
+    assert len(layers) == 2 and all(layer.gradient_checkpointing for layer in layers)

@@ -67,7 +67,7 @@ def build_ar_model(config: ARTrainingConfig) -> FlexTokARModel:
         check_model_settings(config.model, {f.name for f in dataclasses.fields(FlexTokARConfig)}, "FlexTokARConfig")
         model = FlexTokARModel(FlexTokARConfig(**config.model))
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model.train()
 
 

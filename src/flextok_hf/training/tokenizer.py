@@ -99,7 +99,7 @@ def build_tokenizer(config: TokenizerTrainingConfig) -> tuple[FlexTokModel, Froz
             f"{model.config.repa_feature_size} (config.repa_feature_size)."
         )
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.vae.requires_grad_(False)
     model.encoder.requires_grad_(not config.freeze_encoder)
     model.decoder.requires_grad_(not config.freeze_decoder)
