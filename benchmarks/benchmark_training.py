@@ -2,7 +2,7 @@
 `optimizer_step`: accelerate, bf16 mixed precision, AdamW, clipping, EMA), with and without `torch.compile`.
 
     python benchmarks/benchmark_training.py [--tokenizer-batch 32] [--ar-batch 64] [--accumulation 1] [--steps 10] \
-        [--stages tokenizer ar] [--modes eager compiled] [--output FILE.json]
+        [--stages tokenizer ar] [--modes eager compiled] [--compile-scope model] [--output FILE.json]
 
 Stage 1: FlexTok d18-d28 (released shape, VAE frozen, random images 256x256), images/s. Stage 2: the AR generator
 at the paper's largest size (hidden 2048, 24 layers, 64000 ids, 256 tokens), tokens/s. MFU = FLOPs of one
@@ -62,12 +62,15 @@ def ar_case(batch: int):
     return "AR 1.3B (2048 x 24)", model, (tokens, labels), loss, batch * 256, "tokens/s"
 
 
-def measure(case, compile_model: bool, steps: int, flops: float | None, accumulation: int = 1) -> dict:
+def measure(
+    case, compile_model: bool, steps: int, flops: float | None, accumulation: int = 1, compile_scope: str = "model"
+) -> dict:
     """One row; `flops` of a step is counted here when not given (eagerly, also for a compiled model)."""
     name, model, batch, loss_fn, items_per_step, unit = case
     config = TrainingConfig(
         mixed_precision="bf16",
         compile=compile_model,
+        compile_scope=compile_scope,
         report_to=None,
         lr_warmup_steps=1,
         gradient_accumulation_steps=accumulation,
@@ -100,6 +103,7 @@ def measure(case, compile_model: bool, steps: int, flops: float | None, accumula
     row = {
         "case": name,
         "compiled": compile_model,
+        "compile_scope": compile_scope if compile_model else None,
         "accumulation": accumulation,
         "step_s": step_s,
         "first_step_s": first_s,
@@ -121,6 +125,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--stages", nargs="+", default=["tokenizer", "ar"], choices=["tokenizer", "ar"])
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--compile-scope", default="model", choices=["model", "blocks"], help="see TrainingConfig")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -131,7 +136,7 @@ def main():
         for compile_model in [mode == "compiled" for mode in args.modes]:
             torch.manual_seed(0)
             case = tokenizer_case(args.tokenizer_batch) if stage == "tokenizer" else ar_case(args.ar_batch)
-            rows.append(measure(case, compile_model, args.steps, flops, args.accumulation))
+            rows.append(measure(case, compile_model, args.steps, flops, args.accumulation, args.compile_scope))
             gc.collect()
             torch.cuda.empty_cache()
             flops = rows[-1]["tflops_per_step"] * 1e12

@@ -8,6 +8,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
+from tiny_models import random_flextok_model, random_images
 
 from flextok_hf.training.ar import ARTrainingConfig, build_ar_model
 from flextok_hf.training.checkpointing import (
@@ -18,7 +19,7 @@ from flextok_hf.training.checkpointing import (
 )
 from flextok_hf.training.config import parse_config
 from flextok_hf.training.tokenizer import TokenizerTrainingConfig, build_tokenizer
-from flextok_hf.training.trainer import InPlaceEMAModel
+from flextok_hf.training.trainer import InPlaceEMAModel, compile_model
 
 TOKENIZER_CONFIG = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "tokenizer_tiny_cpu.yaml")
 
@@ -160,3 +161,33 @@ def test_gradient_checkpointing_setting_checkpoints_every_block():
                                  gradient_checkpointing=True, token_data="unused")  # fmt: skip
     layers = build_ar_model(ar_config).layers
     assert len(layers) == 2 and all(layer.gradient_checkpointing for layer in layers)
+
+
+def test_compiling_the_blocks_keeps_the_loss_and_gradients():
+    images = random_images(2)
+    fixed = dict(
+        noise=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+        sigmas=torch.tensor([0.3, 0.7]),
+        keep_k=torch.tensor([8, 2]),
+        null_condition_mask=torch.tensor([False, True]),
+    )
+
+    def loss_and_gradients(model):
+        loss = model(images, **fixed).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    eager = random_flextok_model(seed=1).train()
+    compiled = random_flextok_model(seed=1).train()
+    compile_model(compiled, "blocks")
+    blocks = [*compiled.encoder.blocks, *compiled.decoder.blocks]
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints keep their names
+    loss, gradients = loss_and_gradients(eager)
+    compiled_loss, compiled_gradients = loss_and_gradients(compiled)
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-4, atol=1e-5)
+    assert compiled_gradients.keys() == gradients.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(compiled_gradients[name], gradient, rtol=1e-3, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="_repeated_blocks"):
+        compile_model(torch.nn.Linear(2, 2), "blocks")

@@ -488,6 +488,7 @@ class FlexTokPreTrainedModel(ModelCardMixin, PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["FlexTokBlock", "FlexTokAdaLNBlock"]
+    _repeated_blocks = ["FlexTokBlock", "FlexTokAdaLNBlock"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):

@@ -110,6 +110,7 @@ class FlexTokARPreTrainedModel(ModelCardMixin, PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["FlexTokARDecoderLayer"]
+    _repeated_blocks = ["FlexTokARDecoderLayer"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -53,6 +53,9 @@ class TrainingConfig:
     mixed_precision: str | None = None
     gradient_checkpointing: bool = False
     compile: bool = False
+    # What `compile` compiles: "model", the whole forward as one graph, or "blocks", each transformer block on its
+    # own (the model's `_repeated_blocks`; the rest runs eagerly), which compiles several times faster.
+    compile_scope: str = "model"
     allow_tf32: bool = False  # TF32 matmuls on Ampere and later GPUs, for what runs in float32
     cpu: bool = False
     # Exponential moving average of the weights; the EMA weights are what gets exported.
@@ -97,6 +100,8 @@ class TrainingConfig:
             )
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16', 'bf16' or null, got {self.mixed_precision!r}.")
+        if self.compile_scope not in ("model", "blocks"):
+            raise ValueError(f"compile_scope must be 'model' or 'blocks', got {self.compile_scope!r}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (e.g. 'your-name/flextok-d12-d12').")
 

@@ -395,7 +395,7 @@ def prepare_training(config: TrainingConfig, accelerator: Accelerator, model: nn
     if uses_fsdp(accelerator) and accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap is None:
         accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = block_class_names(model)
     if config.compile:
-        model.compile()
+        compile_model(model, config.compile_scope)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema = None
     if config.use_ema:
@@ -403,6 +403,24 @@ def prepare_training(config: TrainingConfig, accelerator: Accelerator, model: nn
             trainable_parameters(model), decay=config.ema_decay, use_ema_warmup=config.ema_warmup
         )
     return model, optimizer, lr_scheduler, ema
+
+
+def compile_model(model: nn.Module, scope: str = "model") -> None:
+    """`torch.compile` in place: the whole model (`scope="model"`) or each block whose class the model names in
+    `_repeated_blocks` (`"blocks"`, diffusers' convention for regional compilation: one compilation serves all the
+    blocks of a shape, and the parameters keep their names)."""
+    if scope == "model":
+        model.compile()
+        return
+    block_names = set(getattr(model, "_repeated_blocks", ()))
+    blocks = [module for module in model.modules() if type(module).__name__ in block_names]
+    if not blocks:
+        raise ValueError(
+            f"compile_scope 'blocks' needs a model that names its repeated blocks in `_repeated_blocks`; "
+            f"{type(model).__name__} names none: use compile_scope 'model'."
+        )
+    for block in blocks:
+        block.compile()
 
 
 def block_class_names(model: nn.Module) -> list[str]:
