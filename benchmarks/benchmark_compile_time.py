@@ -67,6 +67,8 @@ def main():
     parser.add_argument("--output", type=Path)
     parser.add_argument("--scope", help=argparse.SUPPRESS)  # one measurement, in the child process
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the first step compiles, the later ones are timed")
     if args.scope:
         print(json.dumps(step_times(args.scope, args.device, args.width, args.batch, args.steps)))
         return

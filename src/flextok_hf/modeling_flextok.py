@@ -26,7 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_flextok import FlexTokConfig
-from .hub_utils import ModelCardMixin
+from .hub_utils import ModelCardMixin, StrictLoadingMixin
 from .loading_reference import find_checkpoint, load_reference_checkpoint
 from .sampling import FlowGuidance, set_flow_timesteps
 from .utils import is_int
@@ -481,7 +481,27 @@ def repa_alignment_loss(
     return 1 - similarity.mean()
 
 
-class FlexTokPreTrainedModel(ModelCardMixin, PreTrainedModel):
+def per_image_generators(generator, batch_size: int) -> list[torch.Generator | None]:
+    """`generator` (one `torch.Generator` for all images, a list of one per image, or None) as one per image."""
+    if isinstance(generator, list):
+        if not all(isinstance(one, torch.Generator) for one in generator):
+            raise ValueError(f"A list of generators must hold torch.Generator objects only, got {generator!r}.")
+        if len(generator) != batch_size:
+            raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} images.")
+        return generator
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or a list of one per image, got {generator!r}.")
+    return [generator] * batch_size
+
+
+def per_image_noise(shape, generator, device, dtype) -> torch.Tensor:
+    """Standard normal noise of `shape` `[B, ...]`, drawn image by image (see [`per_image_generators`]): an image's
+    noise does not depend on the batch it came in, and a CPU generator gives the reference's noise for its seed."""
+    generators = per_image_generators(generator, shape[0])
+    return torch.cat([randn_tensor((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generators])
+
+
+class FlexTokPreTrainedModel(ModelCardMixin, StrictLoadingMixin, PreTrainedModel):
     config_class = FlexTokConfig
     base_model_prefix = "flextok"
     main_input_name = "pixel_values"
@@ -489,6 +509,8 @@ class FlexTokPreTrainedModel(ModelCardMixin, PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["FlexTokBlock", "FlexTokAdaLNBlock"]
     _repeated_blocks = ["FlexTokBlock", "FlexTokAdaLNBlock"]
+    # Rebuilt when absent: the fixed sin-cos tables; and a REPA projector the config adds starts new (it only trains).
+    _keys_to_ignore_on_load_missing = [r"position_table$", r"^repa_projector\."]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
@@ -551,14 +573,13 @@ class FlexTokModel(FlexTokPreTrainedModel):
         dict, a JSON file or a folder) stands in for the VAE repo the checkpoint names; by default it is looked up
         beside the checkpoint, then in that repo.
         """
-        output_loading_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("config") is not None:  # a given config means our format
             checkpoint = None
         else:
             checkpoint = find_checkpoint(pretrained_model_name_or_path, **kwargs)
             if checkpoint.is_reference_format:
                 model, loading_info = load_reference_checkpoint(cls, checkpoint, vae_config, **kwargs)
-                return (model, loading_info) if output_loading_info else model
+                return (model, loading_info) if kwargs.get("output_loading_info") else model
             kwargs["config"] = checkpoint.config_file  # read once: transformers need not resolve it again
         if vae_config is not None:
             raise ValueError(
@@ -566,28 +587,11 @@ class FlexTokModel(FlexTokPreTrainedModel):
                 "is not one (our format keeps the VAE config in its config.json)."
             )
         try:
-            model, loading_info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-            )
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError:  # its message does not say which file: find it
             if checkpoint is not None:
                 checkpoint.check_weights()
             raise
-        # transformers only warns and initialises missing weights at random: wrong tokens and images, unnoticed.
-        # Rebuilt or new instead: the fixed sin-cos position tables, and a REPA projector the config adds (a
-        # training-only head, as for fine-tuning with REPA).
-        missing = sorted(
-            key
-            for key in loading_info["missing_keys"]
-            if not key.endswith("position_table") and not key.startswith("repa_projector.")
-        )
-        if missing:
-            shown = ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else "")
-            raise ValueError(
-                f"{pretrained_model_name_or_path} is missing {len(missing)} weights of the model its config describes: "
-                f"{shown}."
-            )
-        return (model, loading_info) if output_loading_info else model
 
     def get_input_embeddings(self) -> nn.Linear:
         """The encoder's patch embedding, the layer that turns the input into tokens (what transformers' vision models
@@ -685,12 +689,8 @@ class FlexTokModel(FlexTokPreTrainedModel):
         posterior = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
         if not self.config.vae_sample_posterior:
             return posterior.mode() * self.config.vae_scaling_factor
-        # Image by image, like the decoder's noise: a sample does not depend on the batch the image came in.
-        generators = generator if isinstance(generator, list) else [generator] * len(images)
-        if len(generators) != len(images):
-            raise ValueError(f"Got {len(generators)} generators for a batch of {len(images)} images.")
-        shape, mean = (1, *posterior.mean.shape[1:]), posterior.mean
-        noise = torch.cat([randn_tensor(shape, generator=g, device=mean.device, dtype=mean.dtype) for g in generators])
+        mean = posterior.mean
+        noise = per_image_noise(mean.shape, generator, mean.device, mean.dtype)
         return (mean + posterior.std * noise) * self.config.vae_scaling_factor
 
     @apply_forward_hook
@@ -734,6 +734,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
             options = sorted(adaptive_kwargs) + (["metric"] if metric != "latent_mse" else [])
             raise ValueError(f"{options} only apply to adaptive tokenization, with a target.")
         self.check_images(images)
+        per_image_generators(generator, len(images))  # checked even where no posterior sample needs it
         with torch.no_grad():
             latents = self.encode_latents(images, generator)
             codes, token_ids = self.quantizer(self.encoder(latents))
@@ -760,11 +761,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
             return latents.to(device=device, dtype=torch.float32)
-        generators = generator if isinstance(generator, list) else [generator] * batch_size
-        if len(generators) != batch_size:
-            raise ValueError(f"Got {len(generators)} generators for a batch of {batch_size} images.")
-        noise = [randn_tensor((1, *shape[1:]), generator=g, device=device, dtype=torch.float32) for g in generators]
-        return torch.cat(noise)
+        return per_image_noise(shape, generator, device, torch.float32)
 
     # FlexTokPipeline calls this and the next two methods itself; under CPU offload `apply_forward_hook` moves the model
     # in first, as the offload hook does for `forward`.

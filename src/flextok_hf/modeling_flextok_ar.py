@@ -13,7 +13,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutput
 
 from .configuration_flextok_ar import FlexTokARConfig
-from .hub_utils import ModelCardMixin
+from .hub_utils import ModelCardMixin, StrictLoadingMixin
 from .sampling import TokenSampler, draw_uniforms
 from .utils import check_num_tokens
 
@@ -105,7 +105,7 @@ class FlexTokARDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-class FlexTokARPreTrainedModel(ModelCardMixin, PreTrainedModel):
+class FlexTokARPreTrainedModel(ModelCardMixin, StrictLoadingMixin, PreTrainedModel):
     config: FlexTokARConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True

@@ -37,7 +37,8 @@ def reconstruction_grid(
     lengths = [check_num_tokens(k, model.config.num_registers) for k in num_tokens]
     size = model.config.image_size
     pixels = model.image_processor.preprocess(photo, height=size, width=size, resize_mode="crop").to(model.device)
-    token_ids = model.encode(pixels, generator=decode_kwargs.get("generator"))[0]
+    generator = decode_kwargs.get("generator")  # decode may take one per token budget; the one image takes the first
+    token_ids = model.encode(pixels, generator=generator[0] if isinstance(generator, list) else generator)[0]
     reconstructions = model.decode([token_ids[:k] for k in lengths], output_type="pt", **decode_kwargs).images
     row = torch.cat([pixels, reconstructions.to(pixels.dtype)]).float()
     grid = model.image_processor.postprocess(torch.cat(list(row), dim=2)[None], output_type="pil")[0]

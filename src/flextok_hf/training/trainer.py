@@ -409,6 +409,8 @@ def compile_model(model: nn.Module, scope: str = "model") -> None:
     """`torch.compile` in place: the whole model (`scope="model"`) or each block whose class the model names in
     `_repeated_blocks` (`"blocks"`, diffusers' convention for regional compilation: one compilation serves all the
     blocks of a shape, and the parameters keep their names)."""
+    if scope not in ("model", "blocks"):
+        raise ValueError(f"compile scope must be 'model' or 'blocks', got {scope!r}.")
     if scope == "model":
         model.compile()
         return
