@@ -2,6 +2,7 @@
 same weights as an uninterrupted one, and two processes train as one DDP job."""
 
 import json
+import logging
 import os
 import runpy
 import signal
@@ -157,6 +158,7 @@ def script_command(output_dir, steps):
 def run_command(command, **kwargs):
     finished = subprocess.run(command, capture_output=True, text=True, **kwargs)
     assert finished.returncode == 0, finished.stderr[-3000:]
+    return finished
 
 
 def assert_killed_run_resumes_to_the_same_weights(command, root: Path, steps: int):
@@ -178,7 +180,9 @@ def assert_killed_run_resumes_to_the_same_weights(command, root: Path, steps: in
     killed_at = max(int(p.name.split("-")[1]) for p in interrupted.glob("checkpoint-*"))
     assert 10 <= killed_at < steps
 
-    run_command(command(interrupted) + ["--resume_from_checkpoint", "latest"], env=env)
+    resumed_run = run_command(command(interrupted) + ["--resume_from_checkpoint", "latest"], env=env)
+    # (a run that ignored the checkpoint and trained from step 0 would end with the same, deterministic, weights)
+    assert f"checkpoint-{killed_at} at step {killed_at}" in resumed_run.stderr
     for folder in (f"checkpoint-{steps}", "model"):
         straight = load_file(root / "straight" / folder / "model.safetensors")
         resumed = load_file(interrupted / folder / "model.safetensors")
@@ -450,13 +454,15 @@ def test_killed_ar_run_resumes_to_the_same_weights(synthetic_token_data, tmp_pat
     assert_killed_run_resumes_to_the_same_weights(command, tmp_path, 100)
 
 
-def test_a_new_run_refuses_an_output_dir_with_checkpoints(image_folder, tmp_path):
+def test_a_new_run_refuses_an_output_dir_with_checkpoints(image_folder, tmp_path, caplog):
     argv = ["--config", TOKENIZER_CONFIG, "--train_data", image_folder, "--output_dir", str(tmp_path)]
     argv += ["--max_train_steps", "1", "--token_dependence_images", "0"]
     run_script("train_tokenizer", argv)
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run .checkpoint-1"):
         run_script("train_tokenizer", argv)
-    assert run_script("train_tokenizer", argv + ["--resume_from_checkpoint", "latest"]).step == 1
+    with caplog.at_level(logging.INFO, logger="flextok_hf.training.trainer"):
+        assert run_script("train_tokenizer", argv + ["--resume_from_checkpoint", "latest"]).step == 1
+    assert "checkpoint-1 at step 1" in caplog.text  # resumed, not trained again
 
 
 def test_vae_perceptual_loss_trains_with_a_frozen_encoder_kept_out_of_checkpoints(image_folder, tiny_dinov2, tmp_path):
