@@ -182,7 +182,7 @@ def test_adaptive_tokenize_meets_its_target(model, model_dir, images, tmp_path, 
 
 
 def test_tokenize_a_streamed_dataset(model, model_dir, images, tmp_path, capsys):
-    folder, _ = images
+    folder, pixels = images
     files = sorted(folder.rglob("*.png"))
     shard = tmp_path / "shard-0.parquet"
     pq.write_table(pa.table({"image": [{"bytes": f.read_bytes(), "path": f.name} for f in files]}), shard)
@@ -193,6 +193,9 @@ def test_tokenize_a_streamed_dataset(model, model_dir, images, tmp_path, capsys)
     names, token_ids = read_tokens(tokens)
     assert names == ["cat.png", "dog.png"]
     assert all(len(ids) == 8 and 0 <= min(ids) and max(ids) < model.config.codebook_size for ids in token_ids)
+    # In float32, exactly the ids of the images themselves (already the model's size, so not resized).
+    assert run([*argv, "--model", model_dir], capsys)[0] == 0
+    assert read_tokens(tokens)[1] == model.encode(pixels[:2]).tolist()
 
 
 def test_evaluate_writes_the_rate_distortion_report(model, model_dir, images, tmp_path, capsys):

@@ -273,7 +273,11 @@ def test_reconstruct(model, images):
     out = model.reconstruct(
         images, num_tokens=[8, 2, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0)
     )
-    assert out.images.shape == images.shape
+    ids = model.encode(images)
+    prefixes = model.decode(
+        [ids[0, :8], ids[1, :2], ids[2, :1]], num_inference_steps=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert out.images.shape == images.shape and torch.equal(out.images, prefixes.images)  # each image's own prefix
     with pytest.raises(ValueError, match="num_tokens"):
         model.reconstruct(images, num_tokens=[1, 2])
     for bad in (0, 9, True, 2.5):
@@ -307,6 +311,13 @@ def test_training_loss_and_nested_dropout(images):
     target = model(images, **fixed).target_velocity
     latents = model.encode_latents(images)
     torch.testing.assert_close(target, -latents)
+    # The flow loss is the MSE between predicted and target velocity, the noisy input sigma * noise + (1 - sigma) * x.
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = model(images, sigmas=torch.tensor([0.2, 0.5, 0.9]), noise=noise, keep_k=torch.tensor([8, 2, 1]))
+    torch.testing.assert_close(out.flow_loss, F.mse_loss(out.predicted_velocity, noise - latents))
+    torch.testing.assert_close(
+        out.noisy_latents, out.sigmas.view(-1, 1, 1, 1) * noise + (1 - out.sigmas.view(-1, 1, 1, 1)) * latents
+    )
 
 
 def test_training_reduces_the_loss(images):

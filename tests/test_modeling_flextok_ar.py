@@ -10,6 +10,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file, save_file
 from tiny_models import random_ar_model, tiny_ar_config
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from flextok_hf import FlexTokARConfig, FlexTokARModel
@@ -555,19 +556,23 @@ def test_compiled_generation_step_gives_the_eager_tokens(text_conditional, text_
     ]
     eager = [model.generate_tokens(**condition, **setting) for setting in settings]
     settings[1]["generator"].manual_seed(0)
-    model.compile_generation(backend="aot_eager", mode=None)
+    backend = CompileCounterWithBackend("aot_eager")
+    model.compile_generation(backend=backend, mode=None)
     for _ in range(2):  # the second round reuses the kept cache
         for setting, expected in zip(settings, eager, strict=True):
             if "generator" in setting:
                 setting["generator"].manual_seed(0)
             assert torch.equal(model.generate_tokens(**condition, **setting), expected)
+    assert backend.frame_count >= 1  # the compiled step did run
 
 
 def test_compiled_generation_takes_many_shapes():
     """Every batch size (and prompt-length bucket) is a shape of its own for the compiled step: more than dynamo's
     default 8 must not fail."""
     model = random_ar_model()
-    model.compile_generation(backend="eager", mode=None)
+    backend = CompileCounter()
+    model.compile_generation(backend=backend, mode=None)
     for batch_size in range(1, 11):
         tokens = model.generate_tokens(class_labels=torch.arange(batch_size), num_tokens=2, guidance_scale=2.0)
         assert tokens.shape == (batch_size, 2)
+    assert backend.frame_count >= 10  # one graph per batch size, none left to eager

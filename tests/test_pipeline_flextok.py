@@ -16,6 +16,7 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from diffusers.callbacks import PipelineCallback
 from tiny_models import random_ar_model, random_flextok_model
+from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import AutoModel, AutoTokenizer
 
 from flextok_hf import FlexTokARModel, FlexTokPipeline
@@ -702,7 +703,9 @@ def test_mismatched_components(flextok):
 
 def test_enable_compile_keeps_the_outputs(class_pipe, saved_class_pipe):
     compiled_pipe = quiet(FlexTokPipeline.from_pretrained(saved_class_pipe))
-    compiled_pipe.enable_compile(backend="aot_eager", mode=None)  # the tracing, without the slow inductor build
+    backend = CompileCounterWithBackend("aot_eager")  # the tracing, without the slow inductor build
+    compiled_pipe.enable_compile(backend=backend, mode=None)
     expected, compiled = class_outputs(class_pipe), class_outputs(compiled_pipe)
+    assert backend.frame_count >= 2  # the token step and the decoder ran compiled
     assert torch.equal(compiled.tokens, expected.tokens)
     torch.testing.assert_close(compiled.images, expected.images, atol=1e-5, rtol=1e-5)

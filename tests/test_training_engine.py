@@ -78,7 +78,7 @@ def test_ar_configs_need_one_data_source(argv, message):
         parse_config(ARTrainingConfig, argv)
 
 
-def test_checkpoints_are_atomic_limited_and_resumable(tmp_path):
+def test_checkpoints_are_atomic_limited_and_resumable(tmp_path, monkeypatch):
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -97,6 +97,20 @@ def test_checkpoints_are_atomic_limited_and_resumable(tmp_path):
     with pytest.raises(ValueError, match="not a complete training checkpoint"):
         resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-5"))
     assert resolve_checkpoint(tmp_path / "fresh", "latest") is None
+
+    # A save that dies partway (here: after the model's weights) leaves the last complete checkpoint the latest.
+    save_state = accelerator.save_state
+
+    def dying_save_state(output_dir, **kwargs):
+        save_state(output_dir, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(accelerator, "save_state", dying_save_state)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, tmp_path, 6, {"data_state": [{"position": 6}]}, total_limit=2)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert resolve_checkpoint(tmp_path, "latest") == latest
 
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
