@@ -23,7 +23,7 @@ from flextok_hf.hub_utils import ModelCardMixin
 from flextok_hf.modeling_flextok import FlexTokModel
 from flextok_hf.modeling_flextok_ar import FlexTokARModel
 from flextok_hf.sampling import FlowGuidance, TokenSampler, check_guidance_scale, flow_sigmas, set_flow_timesteps
-from flextok_hf.utils import check_num_tokens, is_int
+from flextok_hf.utils import check_generators, check_num_tokens, is_int
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -251,14 +251,7 @@ class FlexTokPipeline(ModelCardMixin, DiffusionPipeline):
         flow_sigmas(num_inference_steps)  # raises on a bad step count
         self.flextok.check_image_size(height, width)
         batch_size = num_prompts * num_images_per_prompt
-        generators = generator if isinstance(generator, list) else [] if generator is None else [generator]
-        if not all(isinstance(one, torch.Generator) for one in generators):
-            raise ValueError(f"`generator` must be a torch.Generator or a list of them, got {generator!r}.")
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"Got a list of {len(generator)} generators for {batch_size} images; pass one generator per image "
-                "(prompts or class labels times num_images_per_prompt), or a single generator."
-            )
+        check_generators(generator, batch_size, "image", " (prompts or class labels times num_images_per_prompt)")
         factor = self.flextok.config.vae_downsample_factor
         latent_shape = (batch_size, self.flextok.config.latent_channels, height // factor, width // factor)
         if latents is not None and not isinstance(latents, torch.Tensor):

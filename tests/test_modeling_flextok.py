@@ -725,9 +725,9 @@ def test_posterior_samples_follow_the_generator(images):
         images, return_dict=True, generator=[torch.Generator().manual_seed(i) for i in range(len(images))]
     ).latents
     torch.testing.assert_close(together, torch.cat(alone))  # equal noise; the VAE rounds batches differently
-    with pytest.raises(ValueError, match="generators for a batch"):
+    with pytest.raises(ValueError, match="one generator per image"):
         model.encode(images, generator=[torch.Generator()])
-    with pytest.raises(ValueError, match="generator must be a torch.Generator"):
+    with pytest.raises(ValueError, match="`generator` must be a torch.Generator"):
         model.encode(images, generator=5)
-    with pytest.raises(ValueError, match="generators for a batch"):  # checked whether or not the posterior is sampled
+    with pytest.raises(ValueError, match="one generator per image"):  # checked whether or not the posterior is sampled
         random_flextok_model().encode(images, generator=[torch.Generator()])

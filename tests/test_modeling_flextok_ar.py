@@ -523,9 +523,9 @@ TEXT_STATES = torch.zeros(2, 3, 384)
             "unmasked text token in negative_encoder_attention_mask",
         ),
         (dict(negative_encoder_attention_mask=torch.ones(2, 3)), "needs negative_encoder_hidden_states"),
-        (dict(generator=[torch.Generator()]), "one torch.Generator per sample"),
-        (dict(generator=[torch.Generator(), 0]), "one torch.Generator per sample"),
-        (dict(generator=0), "generator must be a torch.Generator"),
+        (dict(generator=[torch.Generator()]), "one generator per sample"),
+        (dict(generator=[torch.Generator(), 0]), "`generator` must be a torch.Generator or a list of one per sample"),
+        (dict(generator=0), "`generator` must be a torch.Generator"),
     ],
 )
 def test_bad_negative_text_and_generators_raise(arguments, message):

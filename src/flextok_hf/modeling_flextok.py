@@ -29,7 +29,7 @@ from .configuration_flextok import FlexTokConfig
 from .hub_utils import ModelCardMixin, StrictLoadingMixin
 from .loading_reference import find_checkpoint, load_reference_checkpoint
 from .sampling import FlowGuidance, set_flow_timesteps
-from .utils import is_int
+from .utils import check_generators, is_int
 
 if TYPE_CHECKING:
     from .evaluation.adaptive import AdaptiveTokenizationOutput
@@ -481,23 +481,11 @@ def repa_alignment_loss(
     return 1 - similarity.mean()
 
 
-def per_image_generators(generator, batch_size: int) -> list[torch.Generator | None]:
-    """`generator` (one `torch.Generator` for all images, a list of one per image, or None) as one per image."""
-    if isinstance(generator, list):
-        if not all(isinstance(one, torch.Generator) for one in generator):
-            raise ValueError(f"A list of generators must hold torch.Generator objects only, got {generator!r}.")
-        if len(generator) != batch_size:
-            raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} images.")
-        return generator
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or a list of one per image, got {generator!r}.")
-    return [generator] * batch_size
-
-
 def per_image_noise(shape, generator, device, dtype) -> torch.Tensor:
-    """Standard normal noise of `shape` `[B, ...]`, drawn image by image (see [`per_image_generators`]): an image's
-    noise does not depend on the batch it came in, and a CPU generator gives the reference's noise for its seed."""
-    generators = per_image_generators(generator, shape[0])
+    """Standard normal noise of `shape` `[B, ...]`, drawn image by image from `generator` (one for all, or a list of
+    one per image): an image's noise does not depend on the batch it came in, and a CPU generator gives the
+    reference's noise for its seed."""
+    generators = check_generators(generator, shape[0])
     return torch.cat([randn_tensor((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generators])
 
 
@@ -686,6 +674,7 @@ class FlexTokModel(FlexTokPreTrainedModel):
     ) -> torch.Tensor:
         """Images `[B, 3, H, W]` in [-1, 1] -> scaled VAE latents `[B, C, H/f, W/f]` (posterior mean unless
         `config.vae_sample_posterior`, then a sample drawn image by image from `generator`, or one per image)."""
+        check_generators(generator, len(images))  # also where no posterior sample needs it
         posterior = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
         if not self.config.vae_sample_posterior:
             return posterior.mode() * self.config.vae_scaling_factor
@@ -734,7 +723,6 @@ class FlexTokModel(FlexTokPreTrainedModel):
             options = sorted(adaptive_kwargs) + (["metric"] if metric != "latent_mse" else [])
             raise ValueError(f"{options} only apply to adaptive tokenization, with a target.")
         self.check_images(images)
-        per_image_generators(generator, len(images))  # checked even where no posterior sample needs it
         with torch.no_grad():
             latents = self.encode_latents(images, generator)
             codes, token_ids = self.quantizer(self.encoder(latents))

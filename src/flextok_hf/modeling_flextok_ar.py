@@ -15,7 +15,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from .configuration_flextok_ar import FlexTokARConfig
 from .hub_utils import ModelCardMixin, StrictLoadingMixin
 from .sampling import TokenSampler, draw_uniforms
-from .utils import check_num_tokens
+from .utils import check_generators, check_num_tokens
 
 # Shapes (batch size x guidance x prompt-length bucket) the compiled token step may be compiled for.
 MAX_COMPILED_SHAPES = 64
@@ -547,16 +547,7 @@ class FlexTokARModel(FlexTokARPreTrainedModel):
                     f"negative_encoder_hidden_states has batch size {negative_batch_size} but encoder_hidden_states "
                     f"has {batch_size}: pass one negative text per sample."
                 )
-        if isinstance(generator, list):
-            if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
-                raise ValueError(
-                    f"A list of generators needs one torch.Generator per sample: expected {batch_size}, got "
-                    f"{len(generator)} entries."
-                )
-        elif generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(
-                f"generator must be a torch.Generator or a list of one per sample, got {type(generator).__name__}."
-            )
+        check_generators(generator, batch_size, "sample")
 
         drop_condition = None
         if sampler.is_guided:

@@ -2,6 +2,8 @@
 
 from numbers import Integral, Real
 
+import torch
+
 
 def is_int(value) -> bool:
     """An integer of any type (numpy's included), but not a bool: bools are ints to Python, never a count."""
@@ -19,3 +21,17 @@ def check_num_tokens(num_tokens, max_num_tokens: int) -> int:
     if not is_int(num_tokens) or not 1 <= num_tokens <= max_num_tokens:
         raise ValueError(f"num_tokens must be an int in [1, {max_num_tokens}], got {num_tokens!r}.")
     return int(num_tokens)
+
+
+def check_generators(generator, batch_size: int, unit: str = "image", hint: str = "") -> list[torch.Generator | None]:
+    """`generator` (None, one `torch.Generator` for the whole batch, or a list of one per `unit`) as one per `unit`,
+    or a ValueError that says what was expected (`hint` says what the batch is made of)."""
+    generators = generator if isinstance(generator, list) else [generator] * batch_size
+    if generator is not None and not all(isinstance(one, torch.Generator) for one in generators):
+        raise ValueError(f"`generator` must be a torch.Generator or a list of one per {unit}, got {generator!r}.")
+    if len(generators) != batch_size:
+        raise ValueError(
+            f"Got a list of {len(generators)} generators for {batch_size} {unit}s; pass one generator per {unit}"
+            f"{hint}, or a single generator."
+        )
+    return generators
